@@ -1,0 +1,183 @@
+//! The one error type at the HTTP edge: every failure becomes an RFC 9457
+//! `application/problem+json` body with a stable machine `code`.
+//!
+//! Client mistakes name the field, header or op at fault. Backend outages are 503 and say to
+//! retry; unexpected failures are an opaque 500 (the detail goes to the log, not the client).
+
+use crate::store::StoreError;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("request body is not valid JSON: {0}")]
+    BadJson(String),
+    #[error("{field}: {message}")]
+    InvalidField { field: String, message: String },
+    #[error("{field}: unknown patch op {op:?}")]
+    UnknownOp { field: String, op: String },
+    #[error("{field}: invalid thread id: {message}")]
+    InvalidId { field: String, message: String },
+    #[error("{field}: {message}")]
+    InvalidPatch { field: String, message: String },
+    #[error("query parameter {field}: {message}")]
+    InvalidQuery { field: String, message: String },
+    #[error("header {header}: {message}")]
+    InvalidHeader { header: &'static str, message: String },
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("thread already exists")]
+    AlreadyExists,
+    #[error("If-Match: expected version {expected}, current version is {current}")]
+    VersionMismatch { expected: u64, current: u64 },
+    #[error("Idempotency-Key was already used with a different request body")]
+    IdempotencyKeyReused,
+    #[error("request body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("Content-Type must be application/json")]
+    UnsupportedMediaType,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("{0} is unavailable; retry later")]
+    Unavailable(&'static str),
+    #[error("internal error")]
+    Internal(String),
+}
+
+/// RFC 9457 problem details plus our stable `code` and, where relevant, the field at fault
+/// and the thread's current version.
+#[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+    /// Stable machine-readable error code, e.g. `invalid_field`, `version_mismatch`.
+    pub code: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_version: Option<u64>,
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        use ApiError::*;
+        match self {
+            BadJson(_) | InvalidField { .. } | UnknownOp { .. } | InvalidId { .. }
+            | InvalidPatch { .. } | InvalidQuery { .. } | InvalidHeader { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            NotFound(_) => StatusCode::NOT_FOUND,
+            AlreadyExists => StatusCode::CONFLICT,
+            VersionMismatch { .. } => StatusCode::PRECONDITION_FAILED,
+            IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        use ApiError::*;
+        match self {
+            BadJson(_) => "invalid_json",
+            InvalidField { .. } => "invalid_field",
+            UnknownOp { .. } => "unknown_op",
+            InvalidId { .. } => "invalid_id",
+            InvalidPatch { .. } => "invalid_patch",
+            InvalidQuery { .. } => "invalid_query",
+            InvalidHeader { .. } => "invalid_header",
+            NotFound(_) => "not_found",
+            AlreadyExists => "already_exists",
+            VersionMismatch { .. } => "version_mismatch",
+            IdempotencyKeyReused => "idempotency_key_reused",
+            PayloadTooLarge { .. } => "payload_too_large",
+            UnsupportedMediaType => "unsupported_media_type",
+            MethodNotAllowed => "method_not_allowed",
+            Unavailable(_) => "unavailable",
+            Internal(_) => "internal",
+        }
+    }
+
+    fn field(&self) -> Option<String> {
+        use ApiError::*;
+        match self {
+            InvalidField { field, .. }
+            | UnknownOp { field, .. }
+            | InvalidId { field, .. }
+            | InvalidPatch { field, .. }
+            | InvalidQuery { field, .. } => Some(field.clone()),
+            InvalidHeader { header, .. } => Some(header.to_string()),
+            _ => None,
+        }
+    }
+
+    pub fn problem(&self) -> Problem {
+        let status = self.status();
+        Problem {
+            kind: format!("urn:threadgate:problem:{}", self.code()),
+            title: status.canonical_reason().unwrap_or("Error").to_owned(),
+            status: status.as_u16(),
+            detail: self.to_string(),
+            code: self.code().to_owned(),
+            field: self.field(),
+            current_version: match self {
+                ApiError::VersionMismatch { current, .. } => Some(*current),
+                _ => None,
+            },
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound => ApiError::NotFound("thread"),
+            StoreError::RunNotFound => ApiError::NotFound("run"),
+            StoreError::AlreadyExists => ApiError::AlreadyExists,
+            StoreError::VersionConflict { expected, actual } => ApiError::VersionMismatch {
+                expected,
+                current: actual,
+            },
+            StoreError::InvalidDelta(d) => ApiError::InvalidPatch {
+                field: d.field(),
+                message: d.to_string(),
+            },
+            StoreError::InvalidThread { field, message } => {
+                ApiError::InvalidPatch { field, message }
+            }
+            StoreError::IdempotencyKeyReused => ApiError::IdempotencyKeyReused,
+            StoreError::Unavailable(why) => {
+                tracing::warn!(%why, "store unavailable");
+                ApiError::Unavailable("the snapshot store")
+            }
+            StoreError::Internal(why) => ApiError::Internal(why),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let ApiError::Internal(why) = &self {
+            tracing::error!(%why, "internal error");
+        }
+        let problem = self.problem();
+        let body = serde_json::to_vec(&problem).unwrap_or_default();
+        let mut res = (self.status(), body).into_response();
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if matches!(self, ApiError::Unavailable(_)) {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        res
+    }
+}

@@ -1,0 +1,224 @@
+//! Request extractors that parse at the boundary into typed values, and turn every
+//! rejection into an [`ApiError`] that names the field, query parameter or header at fault.
+
+use super::AppState;
+use super::error::ApiError;
+use crate::id::ThreadId;
+use crate::store::{Expect, IdempotencyKey};
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::{HeaderMap, header, request::Parts};
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+
+/// Longest accepted `Idempotency-Key`.
+const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+
+/// A JSON body parsed into `T`; keeps the raw bytes for idempotency fingerprints.
+pub struct JsonBody<T> {
+    pub value: T,
+    pub bytes: Bytes,
+}
+
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        if !is_json(req.headers()) {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        let limit = state.max_body;
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            return Err(ApiError::PayloadTooLarge { limit });
+        }
+        let bytes = axum::body::to_bytes(req.into_body(), limit)
+            .await
+            .map_err(|_| ApiError::PayloadTooLarge { limit })?;
+        let value = parse_json(&bytes)?;
+        Ok(JsonBody { value, bytes })
+    }
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(ct) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+}
+
+/// Parses JSON, naming the field path of a type error and the op of an unknown patch op.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    match serde_path_to_error::deserialize::<_, T>(de) {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            let field = e.path().to_string();
+            let inner = e.into_inner();
+            if inner.is_syntax() || inner.is_eof() {
+                return Err(ApiError::BadJson(inner.to_string()));
+            }
+            let message = inner.to_string();
+            if let Some(op) = unknown_op(&field, &message) {
+                return Err(ApiError::UnknownOp { field, op });
+            }
+            let field = if field == "." { "body".to_owned() } else { field };
+            Err(ApiError::InvalidField { field, message })
+        }
+    }
+}
+
+/// An unknown variant inside a patch's ops is an unknown op.
+fn unknown_op(field: &str, message: &str) -> Option<String> {
+    if !field.contains("ops[") {
+        return None;
+    }
+    let rest = message.strip_prefix("unknown variant `")?;
+    Some(rest.split('`').next()?.to_owned())
+}
+
+/// The `{id}` path segment, validated by the one id rule.
+pub struct PathId(pub ThreadId);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let params = axum::extract::RawPathParams::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::InvalidId {
+                field: "id".into(),
+                message: e.to_string(),
+            })?;
+        let raw = params
+            .iter()
+            .find(|(k, _)| *k == "id")
+            .map(|(_, v)| v.to_owned())
+            .ok_or_else(|| ApiError::Internal("route without {id}".into()))?;
+        ThreadId::parse(&raw).map(PathId).map_err(|e| ApiError::InvalidId {
+            field: "id".into(),
+            message: e.to_string(),
+        })
+    }
+}
+
+/// Query parameters parsed into `T`, naming the parameter at fault.
+pub struct QueryParams<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let query = parts.uri.query().unwrap_or("");
+        let de = serde_urlencoded::Deserializer::new(form_urlencoded_parse(query));
+        serde_path_to_error::deserialize(de)
+            .map(QueryParams)
+            .map_err(|e| ApiError::InvalidQuery {
+                field: e.path().to_string(),
+                message: e.into_inner().to_string(),
+            })
+    }
+}
+
+fn form_urlencoded_parse(q: &str) -> form_urlencoded::Parse<'_> {
+    form_urlencoded::parse(q.as_bytes())
+}
+
+/// Parses one entity tag holding a version: `"7"`, `W/"7"` or a bare `7`.
+fn parse_version_tag(tag: &str) -> Option<u64> {
+    let t = tag.trim();
+    let t = t.strip_prefix("W/").unwrap_or(t);
+    let t = t.strip_prefix('"').and_then(|t| t.strip_suffix('"')).unwrap_or(t);
+    t.parse().ok()
+}
+
+/// `If-Match: "<version>"` as a write precondition (`*` or absent: any version).
+pub struct IfMatch(pub Expect);
+
+impl<S: Send + Sync> FromRequestParts<S> for IfMatch {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let Some(v) = parts.headers.get(header::IF_MATCH) else {
+            return Ok(IfMatch(Expect::Any));
+        };
+        let bad = || ApiError::InvalidHeader {
+            header: "If-Match",
+            message: "must be a quoted version such as \"3\", or *".into(),
+        };
+        let s = v.to_str().map_err(|_| bad())?.trim();
+        if s == "*" {
+            return Ok(IfMatch(Expect::Any));
+        }
+        parse_version_tag(s).map(|v| IfMatch(Expect::Exact(v))).ok_or_else(bad)
+    }
+}
+
+/// `If-None-Match`: the versions the client already has (`*` matches any).
+pub struct IfNoneMatch(Option<Vec<Option<u64>>>);
+
+impl IfNoneMatch {
+    /// True when the client's copy is current, so the answer is 304.
+    pub fn matches(&self, version: u64) -> bool {
+        self.0
+            .as_ref()
+            .is_some_and(|tags| tags.iter().any(|t| t.is_none_or(|v| v == version)))
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for IfNoneMatch {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let Some(v) = parts.headers.get(header::IF_NONE_MATCH) else {
+            return Ok(IfNoneMatch(None));
+        };
+        let s = v.to_str().map_err(|_| ApiError::InvalidHeader {
+            header: "If-None-Match",
+            message: "must be ASCII".into(),
+        })?;
+        // Tags we did not issue (not a version) simply never match.
+        let tags = s
+            .split(',')
+            .map(|t| if t.trim() == "*" { None } else { Some(parse_version_tag(t).unwrap_or(u64::MAX)) })
+            .collect();
+        Ok(IfNoneMatch(Some(tags)))
+    }
+}
+
+/// The `Idempotency-Key` header, if sent.
+pub struct IdempotencyHeader(pub Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyHeader {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let Some(v) = parts.headers.get("idempotency-key") else {
+            return Ok(IdempotencyHeader(None));
+        };
+        match v.to_str() {
+            Ok(s) if !s.is_empty() && s.len() <= MAX_IDEMPOTENCY_KEY_LEN => {
+                Ok(IdempotencyHeader(Some(s.to_owned())))
+            }
+            _ => Err(ApiError::InvalidHeader {
+                header: "Idempotency-Key",
+                message: format!("must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters"),
+            }),
+        }
+    }
+}
+
+impl IdempotencyHeader {
+    /// The key with a fingerprint of the request body it came with.
+    pub fn with_body(self, body: &[u8]) -> Option<IdempotencyKey> {
+        self.0.map(|key| IdempotencyKey {
+            key,
+            fingerprint: hex::encode(Sha256::digest(body)),
+        })
+    }
+}

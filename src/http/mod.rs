@@ -1,0 +1,110 @@
+//! The HTTP edge: routes, shared state, health endpoints and the OpenAPI document.
+//!
+//! Handlers are a few lines each: parse (extractors in [`extract`]), call one component,
+//! shape the answer. All errors go through [`error::ApiError`].
+
+pub mod error;
+pub mod extract;
+pub mod threads;
+
+use crate::store::DynStore;
+use axum::Router;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use error::ApiError;
+use serde::Serialize;
+use tower_http::trace::TraceLayer;
+use utoipa::{OpenApi, ToSchema};
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: DynStore,
+    /// Largest accepted request body, in bytes.
+    pub max_body: usize,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "threadgate", description = "HTTP REST + SSE gateway for AI-agent conversation threads (tirea 0.5 wire format)."),
+    paths(
+        threads::create, threads::list, threads::get, threads::replace, threads::patch_metadata,
+        threads::delete, threads::append, threads::messages, threads::state, threads::runs,
+        threads::run, healthz, readyz
+    ),
+    components(schemas(error::Problem, Health)),
+    tags((name = "threads"), (name = "runs"), (name = "ops"))
+)]
+pub struct ApiDoc;
+
+/// The OpenAPI document as served at `/openapi.json` and committed at `openapi/openapi.json`.
+pub fn openapi_json() -> String {
+    let mut s = ApiDoc::openapi()
+        .to_pretty_json()
+        .expect("the OpenAPI document serialises");
+    s.push('\n');
+    s
+}
+
+pub fn router(state: AppState) -> Router {
+    use axum::routing::post;
+    Router::new()
+        .route("/v1/threads", get(threads::list).post(threads::create))
+        .route(
+            "/v1/threads/{id}",
+            get(threads::get)
+                .put(threads::replace)
+                .patch(threads::patch_metadata)
+                .delete(threads::delete),
+        )
+        .route("/v1/threads/{id}/deltas", post(threads::append))
+        .route("/v1/threads/{id}/messages", get(threads::messages))
+        .route("/v1/threads/{id}/state", get(threads::state))
+        .route("/v1/threads/{id}/runs", get(threads::runs))
+        .route("/v1/threads/{id}/runs/{run_id}", get(threads::run))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/openapi.json", get(openapi))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+#[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+}
+
+#[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, body = Health)))]
+async fn healthz() -> axum::Json<Health> {
+    axum::Json(Health {
+        status: "ok".into(),
+    })
+}
+
+#[utoipa::path(get, path = "/readyz", tag = "ops",
+    responses((status = 200, body = Health), (status = 503, body = error::Problem, content_type = "application/problem+json")))]
+async fn readyz(axum::extract::State(app): axum::extract::State<AppState>) -> Result<axum::Json<Health>, ApiError> {
+    app.store.ping().await?;
+    Ok(axum::Json(Health {
+        status: "ready".into(),
+    }))
+}
+
+async fn openapi() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        openapi_json(),
+    )
+        .into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+

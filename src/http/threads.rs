@@ -1,0 +1,414 @@
+//! Thread handlers: each parses its input, calls one store operation, and shapes the answer.
+
+use super::AppState;
+use super::error::{ApiError, Problem};
+use super::extract::{IdempotencyHeader, IfMatch, IfNoneMatch, JsonBody, PathId, QueryParams};
+use crate::id::ThreadId;
+use crate::model::{ChangeSet, Extra, Message, Thread, TrackedPatch};
+use crate::store::{ListQuery, MessageQuery, Order, RunRecord, ThreadSummary, VisibilityFilter};
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
+
+/// Default page size for lists and message pages.
+const DEFAULT_LIMIT: usize = 50;
+/// Largest page a client may ask for; bounds the work and the response size of one request.
+const MAX_LIMIT: usize = 200;
+
+/// A thread snapshot: tirea's `Thread` plus the version it reflects.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ThreadView {
+    #[serde(flatten)]
+    pub thread: Thread,
+    /// The thread version this snapshot reflects (also the `ETag`).
+    pub version: u64,
+}
+
+/// Body of `POST /v1/threads`: every field optional.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+pub struct CreateThread {
+    /// Client-chosen id; a UUIDv7 is generated when absent.
+    pub id: Option<String>,
+    pub resource_id: Option<String>,
+    pub parent_thread_id: Option<String>,
+    #[schema(value_type = Object)]
+    pub state: Option<Value>,
+    #[schema(value_type = Object)]
+    pub metadata: Option<Extra>,
+    pub messages: Option<Vec<Message>>,
+    pub patches: Option<Vec<TrackedPatch>>,
+}
+
+/// Body of `PUT /v1/threads/{id}`: a full tirea `Thread`; `id`, if sent, must match the path.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct ReplaceThread {
+    pub id: Option<String>,
+    pub resource_id: Option<String>,
+    pub parent_thread_id: Option<String>,
+    #[serde(default)]
+    pub messages: Vec<Message>,
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub state: Value,
+    #[serde(default)]
+    pub patches: Vec<TrackedPatch>,
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub metadata: Extra,
+}
+
+/// The version a write produced.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct VersionBody {
+    pub version: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ThreadList {
+    pub threads: Vec<ThreadSummary>,
+    pub has_more: bool,
+    /// Pass as `cursor` to get the next page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    pub resource_id: Option<String>,
+    pub parent_thread_id: Option<String>,
+    /// 1..200, default 50.
+    pub limit: Option<usize>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct MessageParams {
+    /// Exclusive lower cursor bound.
+    pub after: Option<u64>,
+    /// Exclusive upper cursor bound.
+    pub before: Option<u64>,
+    /// 1..200, default 50.
+    pub limit: Option<usize>,
+    pub order: Option<Order>,
+    pub visibility: Option<VisibilityFilter>,
+    pub run_id: Option<String>,
+}
+
+/// A message with its stable cursor (its 0-based position in the thread).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CursorMessage {
+    pub cursor: u64,
+    #[serde(flatten)]
+    pub message: Message,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct MessagePageBody {
+    pub messages: Vec<CursorMessage>,
+    pub has_more: bool,
+    /// Continue in the same order from here (`after` for asc, `before` for desc).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<u64>,
+    /// Go back from here (`before` for asc, `after` for desc); present when the page did
+    /// not start at the beginning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev_cursor: Option<u64>,
+    pub version: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct StateBody {
+    #[schema(value_type = Object)]
+    pub state: Value,
+    pub version: u64,
+}
+
+fn etag(version: u64) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{version}\"")).expect("digits are a valid header")
+}
+
+fn with_etag(version: u64, body: impl IntoResponse) -> Response {
+    ([(header::ETAG, etag(version))], body).into_response()
+}
+
+fn limit(raw: Option<usize>) -> Result<usize, ApiError> {
+    match raw.unwrap_or(DEFAULT_LIMIT) {
+        n @ 1..=MAX_LIMIT => Ok(n),
+        n => Err(ApiError::InvalidQuery {
+            field: "limit".into(),
+            message: format!("must be between 1 and {MAX_LIMIT}, got {n}"),
+        }),
+    }
+}
+
+fn body_id(raw: &str) -> Result<ThreadId, ApiError> {
+    ThreadId::parse(raw).map_err(|e| ApiError::InvalidId {
+        field: "id".into(),
+        message: e.to_string(),
+    })
+}
+
+/// Percent-encodes an id for a `Location` header.
+fn location(id: &ThreadId) -> String {
+    let mut out = String::from("/v1/threads/");
+    for b in id.as_str().bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[utoipa::path(post, path = "/v1/threads", tag = "threads", request_body = CreateThread,
+    responses((status = 201, description = "Created", body = ThreadView, headers(("Location" = String), ("ETag" = String))),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 409, body = Problem, content_type = "application/problem+json"),
+        (status = 413, body = Problem, content_type = "application/problem+json"),
+        (status = 415, body = Problem, content_type = "application/problem+json")))]
+pub async fn create(
+    State(app): State<AppState>,
+    JsonBody { value: body, .. }: JsonBody<CreateThread>,
+) -> Result<Response, ApiError> {
+    let id = match &body.id {
+        Some(raw) => body_id(raw)?,
+        None => ThreadId::generate(),
+    };
+    let thread = Thread {
+        id: id.to_string(),
+        resource_id: body.resource_id,
+        parent_thread_id: body.parent_thread_id,
+        messages: body.messages.unwrap_or_default(),
+        state: body.state.unwrap_or_else(|| Value::Object(Default::default())),
+        patches: body.patches.unwrap_or_default(),
+        metadata: body.metadata.unwrap_or_default(),
+    };
+    let snap = app.store.create(&id, thread).await?;
+    let view = ThreadView {
+        version: snap.version,
+        thread: snap.to_wire(),
+    };
+    Ok((
+        StatusCode::CREATED,
+        [
+            (header::LOCATION, HeaderValue::from_str(&location(&id)).map_err(|e| ApiError::Internal(e.to_string()))?),
+            (header::ETAG, etag(view.version)),
+        ],
+        Json(view),
+    )
+        .into_response())
+}
+
+#[utoipa::path(get, path = "/v1/threads", tag = "threads", params(ListParams),
+    responses((status = 200, body = ThreadList), (status = 400, body = Problem, content_type = "application/problem+json")))]
+pub async fn list(
+    State(app): State<AppState>,
+    QueryParams(p): QueryParams<ListParams>,
+) -> Result<Json<ThreadList>, ApiError> {
+    let after = match p.cursor.as_deref() {
+        Some(c) => Some(ThreadId::decode(c).ok_or_else(|| ApiError::InvalidQuery {
+            field: "cursor".into(),
+            message: "not a cursor this server issued".into(),
+        })?),
+        None => None,
+    };
+    let q = ListQuery {
+        resource_id: p.resource_id,
+        parent_thread_id: p.parent_thread_id,
+        after,
+        limit: limit(p.limit)?,
+    };
+    let page = app.store.list(&q).await?;
+    let next_cursor = page
+        .has_more
+        .then(|| page.threads.last())
+        .flatten()
+        .and_then(|t| ThreadId::parse(&t.id).ok())
+        .map(|id| id.encoded());
+    Ok(Json(ThreadList {
+        threads: page.threads,
+        has_more: page.has_more,
+        next_cursor,
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/threads/{id}", tag = "threads",
+    params(("id" = String, Path, description = "Thread id"), ("If-None-Match" = Option<String>, Header)),
+    responses((status = 200, body = ThreadView, headers(("ETag" = String))), (status = 304, description = "Not modified"),
+        (status = 404, body = Problem, content_type = "application/problem+json")))]
+pub async fn get(
+    State(app): State<AppState>,
+    PathId(id): PathId,
+    inm: IfNoneMatch,
+) -> Result<Response, ApiError> {
+    let current = app.store.version(&id).await?;
+    if inm.matches(current) {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag(current))]).into_response());
+    }
+    let snap = app.store.get(&id).await?;
+    let view = ThreadView {
+        version: snap.version,
+        thread: snap.to_wire(),
+    };
+    Ok(with_etag(view.version, Json(view)))
+}
+
+#[utoipa::path(put, path = "/v1/threads/{id}", tag = "threads", request_body = ReplaceThread,
+    params(("id" = String, Path), ("If-Match" = Option<String>, Header, description = "Expected version, e.g. \"3\"")),
+    responses((status = 200, body = VersionBody), (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"), (status = 412, body = Problem, content_type = "application/problem+json")))]
+pub async fn replace(
+    State(app): State<AppState>,
+    PathId(id): PathId,
+    IfMatch(expect): IfMatch,
+    JsonBody { value: body, .. }: JsonBody<ReplaceThread>,
+) -> Result<Response, ApiError> {
+    if let Some(raw) = &body.id {
+        if body_id(raw)? != id {
+            return Err(ApiError::InvalidField {
+                field: "id".into(),
+                message: "does not match the id in the path".into(),
+            });
+        }
+    }
+    let thread = Thread {
+        id: id.to_string(),
+        resource_id: body.resource_id,
+        parent_thread_id: body.parent_thread_id,
+        messages: body.messages,
+        state: body.state,
+        patches: body.patches,
+        metadata: body.metadata,
+    };
+    let version = app.store.replace(&id, thread, expect).await?;
+    Ok(with_etag(version, Json(VersionBody { version })))
+}
+
+#[utoipa::path(patch, path = "/v1/threads/{id}", tag = "threads",
+    request_body(content = Object, description = "JSON merge patch of custom metadata keys; null removes a key"),
+    params(("id" = String, Path), ("If-Match" = Option<String>, Header)),
+    responses((status = 200, body = VersionBody), (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"), (status = 412, body = Problem, content_type = "application/problem+json")))]
+pub async fn patch_metadata(
+    State(app): State<AppState>,
+    PathId(id): PathId,
+    IfMatch(expect): IfMatch,
+    JsonBody { value: patch, .. }: JsonBody<Extra>,
+) -> Result<Response, ApiError> {
+    let version = app.store.patch_metadata(&id, patch, expect).await?;
+    Ok(with_etag(version, Json(VersionBody { version })))
+}
+
+#[utoipa::path(delete, path = "/v1/threads/{id}", tag = "threads",
+    params(("id" = String, Path), ("If-Match" = Option<String>, Header)),
+    responses((status = 204, description = "Deleted"), (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 412, body = Problem, content_type = "application/problem+json")))]
+pub async fn delete(
+    State(app): State<AppState>,
+    PathId(id): PathId,
+    IfMatch(expect): IfMatch,
+) -> Result<StatusCode, ApiError> {
+    app.store.delete(&id, expect).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/v1/threads/{id}/deltas", tag = "threads", request_body = ChangeSet,
+    params(("id" = String, Path), ("If-Match" = Option<String>, Header, description = "Expected current version"),
+        ("Idempotency-Key" = Option<String>, Header, description = "A retry with the same key appends nothing and answers the first result")),
+    responses((status = 200, body = VersionBody, headers(("ETag" = String), ("Idempotent-Replayed" = String))),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 412, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json"),
+        (status = 503, body = Problem, content_type = "application/problem+json")))]
+pub async fn append(
+    State(app): State<AppState>,
+    PathId(id): PathId,
+    IfMatch(expect): IfMatch,
+    idem: IdempotencyHeader,
+    JsonBody { value: delta, bytes }: JsonBody<ChangeSet>,
+) -> Result<Response, ApiError> {
+    let key = idem.with_body(&bytes);
+    let out = app.store.append(&id, &delta, expect, key.as_ref()).await?;
+    let mut res = with_etag(out.version, Json(VersionBody { version: out.version }));
+    if out.replayed {
+        res.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(res)
+}
+
+#[utoipa::path(get, path = "/v1/threads/{id}/messages", tag = "threads",
+    params(("id" = String, Path), MessageParams),
+    responses((status = 200, body = MessagePageBody), (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json")))]
+pub async fn messages(
+    State(app): State<AppState>,
+    PathId(id): PathId,
+    QueryParams(p): QueryParams<MessageParams>,
+) -> Result<Response, ApiError> {
+    let q = MessageQuery {
+        after: p.after,
+        before: p.before,
+        limit: limit(p.limit)?,
+        order: p.order.unwrap_or_default(),
+        visibility: p.visibility.unwrap_or_default(),
+        run_id: p.run_id,
+    };
+    let page = app.store.messages(&id, &q).await?;
+    let next_cursor = page.has_more.then(|| page.messages.last().map(|m| m.0)).flatten();
+    let started_inside = match q.order {
+        Order::Asc => q.after.is_some(),
+        Order::Desc => q.before.is_some(),
+    };
+    let prev_cursor = started_inside.then(|| page.messages.first().map(|m| m.0)).flatten();
+    let body = MessagePageBody {
+        messages: page
+            .messages
+            .into_iter()
+            .map(|(cursor, message)| CursorMessage { cursor, message })
+            .collect(),
+        has_more: page.has_more,
+        next_cursor,
+        prev_cursor,
+        version: page.version,
+    };
+    Ok(with_etag(body.version, Json(body)))
+}
+
+#[utoipa::path(get, path = "/v1/threads/{id}/state", tag = "threads", params(("id" = String, Path)),
+    responses((status = 200, body = StateBody), (status = 404, body = Problem, content_type = "application/problem+json")))]
+pub async fn state(State(app): State<AppState>, PathId(id): PathId) -> Result<Response, ApiError> {
+    let (state, version) = app.store.state(&id).await?;
+    Ok(with_etag(version, Json(StateBody { state, version })))
+}
+
+#[utoipa::path(get, path = "/v1/threads/{id}/runs", tag = "runs", params(("id" = String, Path)),
+    responses((status = 200, body = Vec<RunRecord>), (status = 404, body = Problem, content_type = "application/problem+json")))]
+pub async fn runs(
+    State(app): State<AppState>,
+    PathId(id): PathId,
+) -> Result<Json<Vec<RunRecord>>, ApiError> {
+    Ok(Json(app.store.runs(&id).await?))
+}
+
+#[utoipa::path(get, path = "/v1/threads/{id}/runs/{run_id}", tag = "runs",
+    params(("id" = String, Path), ("run_id" = String, Path)),
+    responses((status = 200, body = RunRecord), (status = 404, body = Problem, content_type = "application/problem+json")))]
+pub async fn run(
+    State(app): State<AppState>,
+    PathId(id): PathId,
+    Path(params): Path<(String, String)>,
+) -> Result<Json<RunRecord>, ApiError> {
+    Ok(Json(app.store.run(&id, &params.1).await?))
+}

@@ -1,0 +1,11 @@
+//! threadgate: an HTTP REST + SSE gateway for AI-agent conversation threads.
+//!
+//! The binary in `main.rs` only parses configuration and calls [`app::run`]; everything else
+//! lives here so tests can start the whole gateway in-process on port 0.
+
+pub mod app;
+pub mod config;
+pub mod http;
+pub mod id;
+pub mod model;
+pub mod store;

@@ -1,0 +1,354 @@
+//! The snapshot store: one trait, three backends (memory, file, PostgreSQL).
+//!
+//! Every backend keeps, atomically with each thread, its **version** (0 at create, +1 per
+//! accepted write) and its **watermark** (the highest log version folded in), so a
+//! compare-and-set on either is a single atomic step and a fold can be replayed safely. Each
+//! write is also kept in a bounded per-thread history so the live stream can replay from the
+//! store. The backend is chosen once at start-up ([`open`]) and used as `Arc<dyn Store>`.
+
+mod file;
+mod memory;
+mod postgres;
+mod record;
+
+pub use file::FileStore;
+pub use memory::MemoryStore;
+pub use postgres::PostgresStore;
+
+use crate::id::ThreadId;
+use crate::model::{ChangeSet, DeltaError, Extra, Message, RunMeta, Thread};
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::sync::Arc;
+use utoipa::ToSchema;
+
+/// How many past writes each thread keeps for replay; older ones answer `reset` on the live
+/// stream. Big enough for a long run's tail, small enough that a file-store thread stays small.
+pub const HISTORY_LIMIT: usize = 1_000;
+
+/// How many idempotency keys each thread remembers; a client retries within seconds, so the
+/// most recent keys are the ones that matter.
+pub const IDEMPOTENCY_KEYS_KEPT: usize = 1_000;
+
+/// Metadata keys the gateway maintains itself; clients cannot set them.
+pub const SERVER_METADATA_KEYS: [&str; 4] = ["created_at", "updated_at", "version", "version_timestamp"];
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("thread not found")]
+    NotFound,
+    #[error("run not found")]
+    RunNotFound,
+    #[error("thread already exists")]
+    AlreadyExists,
+    #[error("version conflict: expected {expected}, actual {actual}")]
+    VersionConflict { expected: u64, actual: u64 },
+    #[error("{0}")]
+    InvalidDelta(#[from] DeltaError),
+    /// A full thread whose patches do not rebuild on its state.
+    #[error("{field}: {message}")]
+    InvalidThread { field: String, message: String },
+    #[error("idempotency key was already used for a different request")]
+    IdempotencyKeyReused,
+    /// The backend cannot be reached; the request can be retried.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("store failure: {0}")]
+    Internal(String),
+}
+
+/// A write's precondition on the thread's version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    Any,
+    Exact(u64),
+}
+
+impl Expect {
+    /// `Err(VersionConflict)` unless `actual` satisfies the precondition.
+    pub fn check(self, actual: u64) -> Result<()> {
+        match self {
+            Expect::Exact(expected) if expected != actual => {
+                Err(StoreError::VersionConflict { expected, actual })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A thread as stored, with the position it reflects.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    /// `metadata` holds only the client's custom keys; see [`Snapshot::to_wire`].
+    pub thread: Thread,
+    pub version: u64,
+    pub watermark: u64,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+impl Snapshot {
+    /// The tirea `Thread` with the server-maintained metadata keys filled in.
+    pub fn to_wire(&self) -> Thread {
+        let mut t = self.thread.clone();
+        let m = &mut t.metadata;
+        m.insert("created_at".into(), self.created_at.into());
+        m.insert("updated_at".into(), self.updated_at.into());
+        m.insert("version".into(), self.version.into());
+        m.insert("version_timestamp".into(), self.updated_at.into());
+        t
+    }
+}
+
+/// The result of an append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// The version the delta produced (for a replay, the version it produced the first time).
+    pub version: u64,
+    /// True when an earlier request with the same idempotency key already appended it.
+    pub replayed: bool,
+}
+
+/// A client's idempotency key plus a fingerprint of the request it came with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdempotencyKey {
+    pub key: String,
+    /// Hex SHA-256 of the request body: the same key with another body is rejected.
+    pub fingerprint: String,
+}
+
+/// One past write, kept for replay.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub version: u64,
+    /// Unix milliseconds.
+    pub at: i64,
+    pub change: Change,
+}
+
+/// What a write did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "body", rename_all = "snake_case")]
+pub enum Change {
+    Delta(ChangeSet),
+    /// A full replace; the body is the thread as saved (custom metadata only).
+    Replace(Thread),
+    /// A metadata merge patch.
+    Metadata(Extra),
+}
+
+/// The writes after a version, as far as they are kept.
+#[derive(Debug, Clone, PartialEq)]
+pub struct History {
+    pub entries: Vec<HistoryEntry>,
+    /// The oldest version still kept (`None` when nothing is kept). Replay after `V` is
+    /// complete only when `V + 1 >= first_kept` or there is nothing after `V`.
+    pub first_kept: Option<u64>,
+    /// The thread's current version.
+    pub version: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ListQuery {
+    pub resource_id: Option<String>,
+    pub parent_thread_id: Option<String>,
+    /// Threads with ids strictly greater than this (keyset paging by id).
+    pub after: Option<ThreadId>,
+    pub limit: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ThreadSummary {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_thread_id: Option<String>,
+    pub version: u64,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub message_count: u64,
+    #[schema(value_type = Object)]
+    pub metadata: Extra,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListPage {
+    pub threads: Vec<ThreadSummary>,
+    pub has_more: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Order {
+    #[default]
+    Asc,
+    Desc,
+}
+
+/// Which messages a read returns, by visibility.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum VisibilityFilter {
+    /// Only messages visible to everyone (the default).
+    #[default]
+    All,
+    /// Only internal messages.
+    Internal,
+    /// Both.
+    Any,
+}
+
+impl VisibilityFilter {
+    pub fn admits(self, m: &Message) -> bool {
+        use crate::model::Visibility;
+        match self {
+            VisibilityFilter::All => m.visibility == Visibility::All,
+            VisibilityFilter::Internal => m.visibility == Visibility::Internal,
+            VisibilityFilter::Any => true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MessageQuery {
+    /// Exclusive lower cursor bound.
+    pub after: Option<u64>,
+    /// Exclusive upper cursor bound.
+    pub before: Option<u64>,
+    pub limit: usize,
+    pub order: Order,
+    pub visibility: VisibilityFilter,
+    pub run_id: Option<String>,
+}
+
+impl MessageQuery {
+    /// Whether a message at `cursor` passes every filter (bounds included).
+    pub fn admits(&self, cursor: u64, m: &Message) -> bool {
+        self.after.is_none_or(|a| cursor > a)
+            && self.before.is_none_or(|b| cursor < b)
+            && self.visibility.admits(m)
+            && self.run_id.as_deref().is_none_or(|r| m.run_id() == Some(r))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessagePage {
+    /// `(cursor, message)` in the requested order.
+    pub messages: Vec<(u64, Message)>,
+    pub has_more: bool,
+    /// The thread version the page reflects.
+    pub version: u64,
+}
+
+/// A run's record, created or updated by each delta that carries `run_meta`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RunRecord {
+    pub run_id: String,
+    pub thread_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_run_id: Option<String>,
+    pub meta: RunMeta,
+    /// The thread version of the last delta that updated this record.
+    pub version: u64,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Creates a thread at version 0. `thread.metadata` holds custom keys only.
+    async fn create(&self, id: &ThreadId, thread: Thread) -> Result<Snapshot>;
+    async fn get(&self, id: &ThreadId) -> Result<Snapshot>;
+    /// The current version alone: cheap, for `If-None-Match` revalidation.
+    async fn version(&self, id: &ThreadId) -> Result<u64>;
+    async fn list(&self, q: &ListQuery) -> Result<ListPage>;
+    /// Full replace (messages keep their cursors by position). Returns the new version.
+    async fn replace(&self, id: &ThreadId, thread: Thread, expect: Expect) -> Result<u64>;
+    /// JSON merge patch of the custom metadata keys (`null` removes a key).
+    async fn patch_metadata(&self, id: &ThreadId, patch: Extra, expect: Expect) -> Result<u64>;
+    async fn delete(&self, id: &ThreadId, expect: Expect) -> Result<()>;
+    /// Applies one delta as the next version.
+    async fn append(
+        &self,
+        id: &ThreadId,
+        delta: &ChangeSet,
+        expect: Expect,
+        idempotency: Option<&IdempotencyKey>,
+    ) -> Result<Appended>;
+    /// Folds log entries `(version, delta)` in order, skipping versions at or below the
+    /// watermark, in one atomic step; version and watermark become the last version applied.
+    /// Returns the watermark after the call. A gap after the watermark is an error.
+    async fn apply_batch(&self, id: &ThreadId, deltas: &[(u64, ChangeSet)]) -> Result<u64>;
+    async fn messages(&self, id: &ThreadId, q: &MessageQuery) -> Result<MessagePage>;
+    /// The current state (base state with every patch applied) and its version.
+    async fn state(&self, id: &ThreadId) -> Result<(Value, u64)>;
+    /// Writes with versions greater than `after`, oldest first, at most `limit`.
+    async fn history(&self, id: &ThreadId, after: u64, limit: usize) -> Result<History>;
+    async fn runs(&self, id: &ThreadId) -> Result<Vec<RunRecord>>;
+    async fn run(&self, id: &ThreadId, run_id: &str) -> Result<RunRecord>;
+    /// Succeeds when the backend can serve requests (for `/readyz`).
+    async fn ping(&self) -> Result<()>;
+}
+
+pub type DynStore = Arc<dyn Store>;
+
+/// Opens the backend named by a `--store` value: `memory:`, `file:<dir>` or a
+/// `postgres://` URL.
+pub async fn open(spec: &str) -> anyhow::Result<DynStore> {
+    if spec == "memory:" || spec == "memory" {
+        Ok(Arc::new(MemoryStore::new()))
+    } else if let Some(dir) = spec.strip_prefix("file:") {
+        Ok(Arc::new(FileStore::open(dir).await?))
+    } else if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
+        Ok(Arc::new(PostgresStore::connect(spec).await?))
+    } else {
+        anyhow::bail!("unknown store {spec:?}: use `memory:`, `file:<dir>` or a `postgres://` URL")
+    }
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Drops the server-maintained keys from client-supplied metadata: a thread read with GET
+/// can be sent back with PUT unchanged, and the server's values win.
+pub fn strip_server_metadata(meta: &mut Extra) {
+    for k in SERVER_METADATA_KEYS {
+        meta.remove(k);
+    }
+}
+
+/// Validates a full thread for create or replace and returns its current state: server
+/// metadata keys are dropped, message ids must be unique, and the patches must rebuild on
+/// the state. Every backend calls this, so all of them accept and reject the same threads.
+pub fn prepare_thread(id: &ThreadId, thread: &mut Thread) -> Result<Value> {
+    thread.id = id.as_str().to_owned();
+    thread.normalize();
+    strip_server_metadata(&mut thread.metadata);
+    let mut seen = std::collections::HashSet::new();
+    for (i, m) in thread.messages.iter().enumerate() {
+        if let Some(mid) = &m.id {
+            if !seen.insert(mid.as_str()) {
+                return Err(StoreError::InvalidThread {
+                    field: format!("messages[{i}].id"),
+                    message: format!("duplicate message id {mid:?}"),
+                });
+            }
+        }
+    }
+    crate::model::rebuild_state(&thread.state, &thread.patches).map_err(|(p, o, e)| {
+        StoreError::InvalidThread {
+            field: format!("patches[{p}].patch.ops[{o}]"),
+            message: format!("({}) {}", e.op, e),
+        }
+    })
+}

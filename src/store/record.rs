@@ -1,0 +1,267 @@
+//! One thread's complete record, and every store operation on it as a plain function.
+//!
+//! The memory and file backends share this code, so they cannot drift apart: the memory
+//! store keeps records in a map; the file store does the same and writes each changed
+//! record to its own file. Every mutating method validates before it changes anything, so an
+//! error leaves the record exactly as it was.
+
+use super::{
+    Appended, Change, Expect, History, HistoryEntry, IDEMPOTENCY_KEYS_KEPT, HISTORY_LIMIT,
+    IdempotencyKey, MessagePage, MessageQuery, Order, Result, RunRecord, Snapshot, StoreError,
+    ThreadSummary,
+};
+use crate::id::ThreadId;
+use crate::model::{ChangeSet, Extra, Thread, plan_delta};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::{HashSet, VecDeque};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    pub thread: Thread,
+    pub current_state: Value,
+    pub version: u64,
+    pub watermark: u64,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub runs: Vec<RunRecord>,
+    pub history: VecDeque<HistoryEntry>,
+    pub idempotency: VecDeque<(IdempotencyKey, u64)>,
+    /// Message ids present, for de-duplication; rebuilt on load.
+    #[serde(skip)]
+    ids: HashSet<String>,
+}
+
+impl Record {
+    pub fn new(id: &ThreadId, mut thread: Thread, now: i64) -> Result<Self> {
+        let current_state = super::prepare_thread(id, &mut thread)?;
+        let mut r = Record {
+            thread,
+            current_state,
+            version: 0,
+            watermark: 0,
+            created_at: now,
+            updated_at: now,
+            runs: Vec::new(),
+            history: VecDeque::new(),
+            idempotency: VecDeque::new(),
+            ids: HashSet::new(),
+        };
+        r.rebuild_ids();
+        Ok(r)
+    }
+
+    /// Restores the derived fields after deserialising.
+    pub fn rebuild_ids(&mut self) {
+        self.ids = self
+            .thread
+            .messages
+            .iter()
+            .filter_map(|m| m.id.clone())
+            .collect();
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            thread: self.thread.clone(),
+            version: self.version,
+            watermark: self.watermark,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        }
+    }
+
+    pub fn summary(&self) -> ThreadSummary {
+        ThreadSummary {
+            id: self.thread.id.clone(),
+            resource_id: self.thread.resource_id.clone(),
+            parent_thread_id: self.thread.parent_thread_id.clone(),
+            version: self.version,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            message_count: self.thread.messages.len() as u64,
+            metadata: self.thread.metadata.clone(),
+        }
+    }
+
+    /// Moves to the next version and records what the write did.
+    fn bump(&mut self, change: Change, now: i64) -> u64 {
+        self.version += 1;
+        self.watermark = self.version;
+        self.updated_at = now;
+        self.history.push_back(HistoryEntry {
+            version: self.version,
+            at: now,
+            change,
+        });
+        while self.history.len() > HISTORY_LIMIT {
+            self.history.pop_front();
+        }
+        self.version
+    }
+
+    pub fn append(
+        &mut self,
+        delta: &ChangeSet,
+        expect: Expect,
+        idempotency: Option<&IdempotencyKey>,
+        now: i64,
+    ) -> Result<Appended> {
+        if let Some(key) = idempotency {
+            if let Some((seen, version)) = self.idempotency.iter().find(|(k, _)| k.key == key.key)
+            {
+                if seen.fingerprint != key.fingerprint {
+                    return Err(StoreError::IdempotencyKeyReused);
+                }
+                return Ok(Appended {
+                    version: *version,
+                    replayed: true,
+                });
+            }
+        }
+        expect.check(self.version)?;
+        let version = self.apply(delta, now)?;
+        if let Some(key) = idempotency {
+            self.idempotency.push_back((key.clone(), version));
+            while self.idempotency.len() > IDEMPOTENCY_KEYS_KEPT {
+                self.idempotency.pop_front();
+            }
+        }
+        Ok(Appended {
+            version,
+            replayed: false,
+        })
+    }
+
+    /// Applies one delta as the next version; nothing changes on error.
+    fn apply(&mut self, delta: &ChangeSet, now: i64) -> Result<u64> {
+        let mut delta = delta.clone();
+        delta.normalize();
+        let plan = plan_delta(&self.current_state, &delta, |id| self.ids.contains(id))?;
+        if plan.replaces_state {
+            if let Some(snapshot) = &delta.snapshot {
+                self.thread.state = snapshot.clone();
+            }
+            self.thread.patches.clear();
+        }
+        for &i in &plan.new_messages {
+            let m = delta.messages[i].clone();
+            if let Some(id) = &m.id {
+                self.ids.insert(id.clone());
+            }
+            self.thread.messages.push(m);
+        }
+        self.thread.patches.extend(delta.patches.iter().cloned());
+        self.current_state = plan.new_current_state;
+        let version = self.version + 1;
+        if let Some(meta) = &delta.run_meta {
+            match self.runs.iter_mut().find(|r| r.run_id == delta.run_id) {
+                Some(run) => {
+                    run.meta = meta.clone();
+                    if delta.parent_run_id.is_some() {
+                        run.parent_run_id = delta.parent_run_id.clone();
+                    }
+                    run.version = version;
+                    run.updated_at = now;
+                }
+                None => self.runs.push(RunRecord {
+                    run_id: delta.run_id.clone(),
+                    thread_id: self.thread.id.clone(),
+                    parent_run_id: delta.parent_run_id.clone(),
+                    meta: meta.clone(),
+                    version,
+                    created_at: now,
+                    updated_at: now,
+                }),
+            }
+        }
+        Ok(self.bump(Change::Delta(delta), now))
+    }
+
+    /// Folds log entries above the watermark; all or nothing.
+    pub fn apply_batch(&mut self, deltas: &[(u64, ChangeSet)], now: i64) -> Result<u64> {
+        let pending: Vec<_> = deltas.iter().filter(|(v, _)| *v > self.watermark).collect();
+        if pending.is_empty() {
+            return Ok(self.watermark);
+        }
+        let mut next = self.clone();
+        for (v, delta) in pending {
+            if *v != next.watermark + 1 {
+                return Err(StoreError::Internal(format!(
+                    "gap in folded log: expected version {}, got {v}",
+                    next.watermark + 1
+                )));
+            }
+            next.version = v - 1;
+            next.apply(delta, now)?;
+        }
+        *self = next;
+        Ok(self.watermark)
+    }
+
+    pub fn replace(&mut self, mut thread: Thread, expect: Expect, now: i64) -> Result<u64> {
+        expect.check(self.version)?;
+        let id = ThreadId::parse(&self.thread.id).map_err(|e| StoreError::Internal(e.to_string()))?;
+        self.current_state = super::prepare_thread(&id, &mut thread)?;
+        self.thread = thread.clone();
+        self.rebuild_ids();
+        Ok(self.bump(Change::Replace(thread), now))
+    }
+
+    pub fn patch_metadata(&mut self, mut patch: Extra, expect: Expect, now: i64) -> Result<u64> {
+        expect.check(self.version)?;
+        super::strip_server_metadata(&mut patch);
+        for (k, v) in &patch {
+            if v.is_null() {
+                self.thread.metadata.remove(k);
+            } else {
+                self.thread.metadata.insert(k.clone(), v.clone());
+            }
+        }
+        Ok(self.bump(Change::Metadata(patch), now))
+    }
+
+    pub fn messages(&self, q: &MessageQuery) -> MessagePage {
+        let all = &self.thread.messages;
+        let lo = q.after.map_or(0, |a| a.saturating_add(1)).min(all.len() as u64) as usize;
+        let hi = q.before.map_or(all.len() as u64, |b| b.min(all.len() as u64)) as usize;
+        let window = all.get(lo..hi.max(lo)).unwrap_or_default();
+        let admitted = window
+            .iter()
+            .enumerate()
+            .map(|(i, m)| ((lo + i) as u64, m))
+            .filter(|(c, m)| q.admits(*c, m));
+        let mut page: Vec<(u64, _)> = match q.order {
+            Order::Asc => admitted.take(q.limit + 1).map(|(c, m)| (c, m.clone())).collect(),
+            Order::Desc => {
+                let all: Vec<_> = admitted.collect();
+                all.into_iter()
+                    .rev()
+                    .take(q.limit + 1)
+                    .map(|(c, m)| (c, m.clone()))
+                    .collect()
+            }
+        };
+        let has_more = page.len() > q.limit;
+        page.truncate(q.limit);
+        MessagePage {
+            messages: page,
+            has_more,
+            version: self.version,
+        }
+    }
+
+    pub fn history(&self, after: u64, limit: usize) -> History {
+        History {
+            entries: self
+                .history
+                .iter()
+                .filter(|e| e.version > after)
+                .take(limit)
+                .cloned()
+                .collect(),
+            first_kept: self.history.front().map(|e| e.version),
+            version: self.version,
+        }
+    }
+}

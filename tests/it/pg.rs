@@ -1,0 +1,175 @@
+//! PostgreSQL test harness: every test gets a fresh schema of its own in the shared test
+//! database, so tests run in parallel and re-runs never see old data.
+//!
+//! The server comes from `THREADGATE_TEST_PG_URL` (default [`DEFAULT_URL`]). When it cannot
+//! be reached the tests fail with a clear message: they never skip silently.
+
+use sqlx::Connection;
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+use std::str::FromStr;
+use threadgate::store::PostgresStore;
+
+/// The development machine's PostgreSQL (trust auth).
+pub const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// How long dropping a schema waits for locks before giving up (a stuck test must not hang
+/// the whole run; a leftover schema is only clutter).
+const DROP_LOCK_TIMEOUT: &str = "5s";
+
+/// The test server's URL.
+pub fn base_url() -> String {
+    std::env::var("THREADGATE_TEST_PG_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned())
+}
+
+/// A URL for the test database whose sessions use `schema` as their `search_path`; it is
+/// what `PostgresStore::connect` (and so `threadgate --store <url>`) accepts.
+pub fn url_for_schema(schema: &str) -> String {
+    let base = base_url();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    format!("{base}{sep}options=-c%20search_path%3D{schema}")
+}
+
+fn base_options() -> PgConnectOptions {
+    let url = base_url();
+    PgConnectOptions::from_str(&url)
+        .unwrap_or_else(|e| panic!("THREADGATE_TEST_PG_URL={url:?} is not a valid URL: {e}"))
+}
+
+async fn admin_connection() -> PgConnection {
+    let url = base_url();
+    PgConnection::connect_with(&base_options()).await.unwrap_or_else(|e| {
+        panic!(
+            "PostgreSQL is not reachable at {url} ({e}); start it or set THREADGATE_TEST_PG_URL"
+        )
+    })
+}
+
+/// A schema created for one test; dropped (with everything in it) when this is dropped.
+pub struct PgSchema {
+    pub name: String,
+}
+
+impl PgSchema {
+    /// Creates a uniquely named empty schema in the test database.
+    pub async fn create() -> Self {
+        let name = format!("tg_test_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = admin_connection().await;
+        sqlx::query(&format!("CREATE SCHEMA {name}"))
+            .execute(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("cannot create schema {name}: {e}"));
+        let _ = conn.close().await;
+        PgSchema { name }
+    }
+
+    /// Connection options whose sessions work inside this schema.
+    pub fn options(&self) -> PgConnectOptions {
+        base_options().options([("search_path", self.name.as_str())])
+    }
+
+    /// The URL form of [`PgSchema::options`], for a gateway process.
+    pub fn url(&self) -> String {
+        url_for_schema(&self.name)
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        // Drop runs inside the test's runtime, which cannot be blocked on; a short-lived
+        // runtime on its own thread does the async work.
+        let name = self.name.clone();
+        let dropped = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async {
+                let mut conn = PgConnection::connect_with(&base_options()).await.ok()?;
+                sqlx::query(&format!("SET lock_timeout = '{DROP_LOCK_TIMEOUT}'"))
+                    .execute(&mut conn)
+                    .await
+                    .ok()?;
+                sqlx::query(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
+                    .execute(&mut conn)
+                    .await
+                    .ok()?;
+                conn.close().await.ok()
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Some(()))) {
+            eprintln!("note: could not drop test schema {}", self.name);
+        }
+    }
+}
+
+/// A store on a fresh schema (migrated), and the guard that drops the schema afterwards.
+/// Keep the guard alive as long as the store; drop the store first.
+pub async fn fresh_store() -> (PostgresStore, PgSchema) {
+    let schema = PgSchema::create().await;
+    let store = PostgresStore::connect_with(schema.options())
+        .await
+        .unwrap_or_else(|e| panic!("cannot open a PostgresStore on schema {}: {e:#}", schema.name));
+    (store, schema)
+}
+
+#[tokio::test]
+async fn connect_by_url_uses_the_schema() {
+    use threadgate::id::ThreadId;
+    use threadgate::model::Thread;
+    use threadgate::store::Store;
+
+    let schema = PgSchema::create().await;
+    let store = PostgresStore::connect(&schema.url())
+        .await
+        .unwrap_or_else(|e| panic!("connect({}) failed: {e:#}", schema.url()));
+    let id = ThreadId::parse("via-url").unwrap();
+    store.create(&id, Thread::new("via-url")).await.unwrap();
+    // Connecting again runs the migrator again: it must find everything applied.
+    let again = PostgresStore::connect(&schema.url()).await.unwrap();
+    assert_eq!(again.version(&id).await.unwrap(), 0);
+
+    // The tables live in the test schema, not in `public`.
+    let mut conn = admin_connection().await;
+    let n: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.tables \
+         WHERE table_schema = $1 AND table_name IN ('threads', '_sqlx_migrations')",
+    )
+    .bind(&schema.name)
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(n, 2);
+    let rows: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {}.threads", schema.name))
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1);
+    drop((store, again));
+}
+
+#[tokio::test]
+async fn concurrent_start_up_migrates_once() {
+    let schema = PgSchema::create().await;
+    let opts = schema.options();
+    let (a, b) = tokio::join!(
+        PostgresStore::connect_with(opts.clone()),
+        PostgresStore::connect_with(opts)
+    );
+    a.expect("first store");
+    b.expect("second store");
+}
+
+#[tokio::test]
+async fn unreachable_server_is_unavailable() {
+    use threadgate::id::ThreadId;
+    use threadgate::store::{Store, StoreError};
+
+    let (store, _schema) = fresh_store().await;
+    // Closing the pool is what an outage looks like from the store's side: no connection.
+    store.close().await;
+    let id = ThreadId::parse("t").unwrap();
+    let err = store.version(&id).await.unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(matches!(store.ping().await, Err(StoreError::Unavailable(_))));
+}
