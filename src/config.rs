@@ -5,7 +5,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;
 
 #[derive(Debug, Clone, Parser)]
-#[command(name = "threadgate", version, about = "HTTP REST + SSE gateway for AI-agent conversation threads")]
+#[command(
+    name = "threadgate",
+    version,
+    about = "HTTP REST + SSE gateway for AI-agent conversation threads"
+)]
 pub struct Config {
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, env = "THREADGATE_LISTEN", default_value = "127.0.0.1:8080")]
@@ -53,7 +57,9 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: usize = num.parse().map_err(|_| format!("{s:?} is not a size such as 4MiB"))?;
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size such as 4MiB"))?;
     let mult: usize = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "kib" | "k" => 1 << 10,
@@ -64,7 +70,8 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         "gb" => 1_000_000_000,
         other => return Err(format!("unknown size unit {other:?}")),
     };
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 #[cfg(test)]

@@ -25,7 +25,10 @@ pub enum ApiError {
     #[error("query parameter {field}: {message}")]
     InvalidQuery { field: String, message: String },
     #[error("header {header}: {message}")]
-    InvalidHeader { header: &'static str, message: String },
+    InvalidHeader {
+        header: &'static str,
+        message: String,
+    },
     #[error("{0} not found")]
     NotFound(&'static str),
     #[error("thread already exists")]
@@ -67,10 +70,13 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         use ApiError::*;
         match self {
-            BadJson(_) | InvalidField { .. } | UnknownOp { .. } | InvalidId { .. }
-            | InvalidPatch { .. } | InvalidQuery { .. } | InvalidHeader { .. } => {
-                StatusCode::BAD_REQUEST
-            }
+            BadJson(_)
+            | InvalidField { .. }
+            | UnknownOp { .. }
+            | InvalidId { .. }
+            | InvalidPatch { .. }
+            | InvalidQuery { .. }
+            | InvalidHeader { .. } => StatusCode::BAD_REQUEST,
             NotFound(_) => StatusCode::NOT_FOUND,
             AlreadyExists => StatusCode::CONFLICT,
             VersionMismatch { .. } => StatusCode::PRECONDITION_FAILED,

@@ -45,10 +45,18 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
 }
 
 fn is_json(headers: &HeaderMap) -> bool {
-    let Some(ct) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+    let Some(ct) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
         return false;
     };
-    let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let mime = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
 }
 
@@ -67,7 +75,11 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             if let Some(op) = unknown_op(&field, &message) {
                 return Err(ApiError::UnknownOp { field, op });
             }
-            let field = if field == "." { "body".to_owned() } else { field };
+            let field = if field == "." {
+                "body".to_owned()
+            } else {
+                field
+            };
             Err(ApiError::InvalidField { field, message })
         }
     }
@@ -100,10 +112,12 @@ impl<S: Send + Sync> FromRequestParts<S> for PathId {
             .find(|(k, _)| *k == "id")
             .map(|(_, v)| v.to_owned())
             .ok_or_else(|| ApiError::Internal("route without {id}".into()))?;
-        ThreadId::parse(&raw).map(PathId).map_err(|e| ApiError::InvalidId {
-            field: "id".into(),
-            message: e.to_string(),
-        })
+        ThreadId::parse(&raw)
+            .map(PathId)
+            .map_err(|e| ApiError::InvalidId {
+                field: "id".into(),
+                message: e.to_string(),
+            })
     }
 }
 
@@ -133,7 +147,10 @@ fn form_urlencoded_parse(q: &str) -> form_urlencoded::Parse<'_> {
 fn parse_version_tag(tag: &str) -> Option<u64> {
     let t = tag.trim();
     let t = t.strip_prefix("W/").unwrap_or(t);
-    let t = t.strip_prefix('"').and_then(|t| t.strip_suffix('"')).unwrap_or(t);
+    let t = t
+        .strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+        .unwrap_or(t);
     t.parse().ok()
 }
 
@@ -155,7 +172,9 @@ impl<S: Send + Sync> FromRequestParts<S> for IfMatch {
         if s == "*" {
             return Ok(IfMatch(Expect::Any));
         }
-        parse_version_tag(s).map(|v| IfMatch(Expect::Exact(v))).ok_or_else(bad)
+        parse_version_tag(s)
+            .map(|v| IfMatch(Expect::Exact(v)))
+            .ok_or_else(bad)
     }
 }
 
@@ -185,7 +204,13 @@ impl<S: Send + Sync> FromRequestParts<S> for IfNoneMatch {
         // Tags we did not issue (not a version) simply never match.
         let tags = s
             .split(',')
-            .map(|t| if t.trim() == "*" { None } else { Some(parse_version_tag(t).unwrap_or(u64::MAX)) })
+            .map(|t| {
+                if t.trim() == "*" {
+                    None
+                } else {
+                    Some(parse_version_tag(t).unwrap_or(u64::MAX))
+                }
+            })
             .collect();
         Ok(IfNoneMatch(Some(tags)))
     }

@@ -85,7 +85,9 @@ async fn healthz() -> axum::Json<Health> {
 
 #[utoipa::path(get, path = "/readyz", tag = "ops",
     responses((status = 200, body = Health), (status = 503, body = error::Problem, content_type = "application/problem+json")))]
-async fn readyz(axum::extract::State(app): axum::extract::State<AppState>) -> Result<axum::Json<Health>, ApiError> {
+async fn readyz(
+    axum::extract::State(app): axum::extract::State<AppState>,
+) -> Result<axum::Json<Health>, ApiError> {
     app.store.ping().await?;
     Ok(axum::Json(Health {
         status: "ready".into(),
@@ -107,4 +109,3 @@ async fn not_found() -> ApiError {
 async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
-

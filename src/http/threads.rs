@@ -189,7 +189,9 @@ pub async fn create(
         resource_id: body.resource_id,
         parent_thread_id: body.parent_thread_id,
         messages: body.messages.unwrap_or_default(),
-        state: body.state.unwrap_or_else(|| Value::Object(Default::default())),
+        state: body
+            .state
+            .unwrap_or_else(|| Value::Object(Default::default())),
         patches: body.patches.unwrap_or_default(),
         metadata: body.metadata.unwrap_or_default(),
     };
@@ -201,7 +203,11 @@ pub async fn create(
     Ok((
         StatusCode::CREATED,
         [
-            (header::LOCATION, HeaderValue::from_str(&location(&id)).map_err(|e| ApiError::Internal(e.to_string()))?),
+            (
+                header::LOCATION,
+                HeaderValue::from_str(&location(&id))
+                    .map_err(|e| ApiError::Internal(e.to_string()))?,
+            ),
             (header::ETAG, etag(view.version)),
         ],
         Json(view),
@@ -336,11 +342,19 @@ pub async fn append(
     PathId(id): PathId,
     IfMatch(expect): IfMatch,
     idem: IdempotencyHeader,
-    JsonBody { value: delta, bytes }: JsonBody<ChangeSet>,
+    JsonBody {
+        value: delta,
+        bytes,
+    }: JsonBody<ChangeSet>,
 ) -> Result<Response, ApiError> {
     let key = idem.with_body(&bytes);
     let out = app.store.append(&id, &delta, expect, key.as_ref()).await?;
-    let mut res = with_etag(out.version, Json(VersionBody { version: out.version }));
+    let mut res = with_etag(
+        out.version,
+        Json(VersionBody {
+            version: out.version,
+        }),
+    );
     if out.replayed {
         res.headers_mut()
             .insert("idempotent-replayed", HeaderValue::from_static("true"));
@@ -366,12 +380,17 @@ pub async fn messages(
         run_id: p.run_id,
     };
     let page = app.store.messages(&id, &q).await?;
-    let next_cursor = page.has_more.then(|| page.messages.last().map(|m| m.0)).flatten();
+    let next_cursor = page
+        .has_more
+        .then(|| page.messages.last().map(|m| m.0))
+        .flatten();
     let started_inside = match q.order {
         Order::Asc => q.after.is_some(),
         Order::Desc => q.before.is_some(),
     };
-    let prev_cursor = started_inside.then(|| page.messages.first().map(|m| m.0)).flatten();
+    let prev_cursor = started_inside
+        .then(|| page.messages.first().map(|m| m.0))
+        .flatten();
     let body = MessagePageBody {
         messages: page
             .messages

@@ -134,10 +134,10 @@ pub fn normalize_numbers(v: &mut Value) {
 
 /// A u64 above i64::MAX becomes the nearest f64; everything else is left as is.
 fn normalize_number(n: &mut Number) {
-    if let (Some(u), None) = (n.as_u64(), n.as_i64()) {
-        if let Some(f) = Number::from_f64(u as f64) {
-            *n = f;
-        }
+    if let (Some(u), None) = (n.as_u64(), n.as_i64())
+        && let Some(f) = Number::from_f64(u as f64)
+    {
+        *n = f;
     }
 }
 

@@ -54,7 +54,10 @@ impl FileStore {
         let mut loaded = BTreeMap::new();
         for entry in fs::read_dir(&dir)? {
             let path = entry?.path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
             if name.starts_with(TMP_PREFIX) {
                 // A write that never reached its rename: the previous file is intact.
                 fs::remove_file(&path)?;
@@ -89,9 +92,11 @@ impl Files {
     /// Writes `record` to a fresh, fsynced temp file and returns its path.
     fn write_tmp(&self, id: &ThreadId, record: &Record) -> io::Result<PathBuf> {
         let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        let tmp = self
-            .dir
-            .join(format!("{TMP_PREFIX}{}-{}-{seq}", id.encoded(), std::process::id()));
+        let tmp = self.dir.join(format!(
+            "{TMP_PREFIX}{}-{}-{seq}",
+            id.encoded(),
+            std::process::id()
+        ));
         let bytes = serde_json::to_vec(record).map_err(io::Error::other)?;
         let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         f.write_all(&bytes)?;

@@ -97,11 +97,7 @@ impl<P: Persist> Records<P> {
 
     /// Runs `f` on the record under its lock, then persists; the change is visible only once
     /// it is durable.
-    async fn write<T>(
-        &self,
-        id: &ThreadId,
-        f: impl FnOnce(&mut Record) -> Result<T>,
-    ) -> Result<T> {
+    async fn write<T>(&self, id: &ThreadId, f: impl FnOnce(&mut Record) -> Result<T>) -> Result<T> {
         let slot = self.slot(id)?;
         let mut guard = slot.lock().await;
         let record = guard.as_mut().ok_or(StoreError::NotFound)?;
@@ -172,7 +168,10 @@ impl<P: Persist> Store for Records<P> {
             let map = self.map.read().map_err(|_| poisoned())?;
             let range = match &q.after {
                 Some(after) => map
-                    .range((std::ops::Bound::Excluded(after.clone()), std::ops::Bound::Unbounded))
+                    .range((
+                        std::ops::Bound::Excluded(after.clone()),
+                        std::ops::Bound::Unbounded,
+                    ))
                     .map(|(_, s)| s.clone())
                     .collect(),
                 None => map.values().cloned().collect(),
@@ -184,9 +183,10 @@ impl<P: Persist> Store for Records<P> {
             let guard = slot.lock().await;
             let Some(r) = guard.as_ref() else { continue };
             let t = &r.thread;
-            if q.resource_id.as_ref().is_some_and(|x| t.resource_id.as_ref() != Some(x))
-                || q
-                    .parent_thread_id
+            if q.resource_id
+                .as_ref()
+                .is_some_and(|x| t.resource_id.as_ref() != Some(x))
+                || q.parent_thread_id
                     .as_ref()
                     .is_some_and(|x| t.parent_thread_id.as_ref() != Some(x))
             {
@@ -203,7 +203,8 @@ impl<P: Persist> Store for Records<P> {
     }
 
     async fn replace(&self, id: &ThreadId, thread: Thread, expect: Expect) -> Result<u64> {
-        self.write(id, |r| r.replace(thread, expect, now_ms())).await
+        self.write(id, |r| r.replace(thread, expect, now_ms()))
+            .await
     }
 
     async fn patch_metadata(&self, id: &ThreadId, patch: Extra, expect: Expect) -> Result<u64> {

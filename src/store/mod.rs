@@ -32,7 +32,8 @@ pub const HISTORY_LIMIT: usize = 1_000;
 pub const IDEMPOTENCY_KEYS_KEPT: usize = 1_000;
 
 /// Metadata keys the gateway maintains itself; clients cannot set them.
-pub const SERVER_METADATA_KEYS: [&str; 4] = ["created_at", "updated_at", "version", "version_timestamp"];
+pub const SERVER_METADATA_KEYS: [&str; 4] =
+    ["created_at", "updated_at", "version", "version_timestamp"];
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 

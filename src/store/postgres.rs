@@ -160,7 +160,9 @@ fn db_err(e: sqlx::Error) -> StoreError {
         E::Database(d) => match d.code().as_deref() {
             // Class 08: connection exceptions; 57P01-03: admin/crash shutdown, cannot
             // connect now; 53300: too many connections. All are transient.
-            Some(c) if c.starts_with("08") || matches!(c, "57P01" | "57P02" | "57P03" | "53300") => {
+            Some(c)
+                if c.starts_with("08") || matches!(c, "57P01" | "57P02" | "57P03" | "53300") =>
+            {
                 StoreError::Unavailable(e.to_string())
             }
             _ => StoreError::Internal(e.to_string()),
@@ -279,7 +281,13 @@ async fn insert_patches(
 }
 
 /// Records a write in the history and drops what falls out of the kept window.
-async fn record_history(conn: &mut PgConnection, id: &str, version: u64, at: i64, change: &Change) -> Result<()> {
+async fn record_history(
+    conn: &mut PgConnection,
+    id: &str,
+    version: u64,
+    at: i64,
+    change: &Change,
+) -> Result<()> {
     sqlx::query("INSERT INTO history (thread_id, version, at, change) VALUES ($1, $2, $3, $4)")
         .bind(id)
         .bind(i(version)?)
@@ -351,7 +359,11 @@ async fn apply_delta_rows(
             head.new_base_state = Some(snapshot.clone());
         }
     }
-    let new: Vec<&Message> = plan.new_messages.iter().map(|&n| &delta.messages[n]).collect();
+    let new: Vec<&Message> = plan
+        .new_messages
+        .iter()
+        .map(|&n| &delta.messages[n])
+        .collect();
     for m in &new {
         if let Some(mid) = &m.id {
             existing.insert(mid.clone());
@@ -396,7 +408,13 @@ async fn upsert_run(
 }
 
 /// Writes the thread row after one or more deltas: version and watermark become `version`.
-async fn write_head(conn: &mut PgConnection, id: &str, head: &Head, version: u64, now: i64) -> Result<()> {
+async fn write_head(
+    conn: &mut PgConnection,
+    id: &str,
+    head: &Head,
+    version: u64,
+    now: i64,
+) -> Result<()> {
     let base = head.new_base_state.as_ref().map(to_json).transpose()?;
     sqlx::query(
         "UPDATE threads SET version = $2, watermark = $2, state = COALESCE($3, state), \
@@ -441,7 +459,10 @@ type ThreadRow = (
 
 type RunRow = (String, Option<String>, String, i64, i64, i64);
 
-fn run_record(thread_id: &str, (run_id, parent, meta, version, created_at, updated_at): RunRow) -> Result<RunRecord> {
+fn run_record(
+    thread_id: &str,
+    (run_id, parent, meta, version, created_at, updated_at): RunRow,
+) -> Result<RunRecord> {
     Ok(RunRecord {
         run_id: dec(&run_id)?,
         thread_id: thread_id.to_owned(),
@@ -500,8 +521,17 @@ impl Store for PostgresStore {
         .fetch_optional(&mut *tx)
         .await
         .map_err(db_err)?;
-        let (tid, resource_id, parent_thread_id, version, watermark, state, metadata, created_at, updated_at) =
-            row.ok_or(StoreError::NotFound)?;
+        let (
+            tid,
+            resource_id,
+            parent_thread_id,
+            version,
+            watermark,
+            state,
+            metadata,
+            created_at,
+            updated_at,
+        ) = row.ok_or(StoreError::NotFound)?;
         let messages: Vec<String> =
             sqlx::query_scalar("SELECT body FROM messages WHERE thread_id = $1 ORDER BY cursor")
                 .bind(id.as_str())
@@ -520,9 +550,15 @@ impl Store for PostgresStore {
                 id: tid,
                 resource_id: dec_opt(resource_id)?,
                 parent_thread_id: dec_opt(parent_thread_id)?,
-                messages: messages.iter().map(|m| from_json(m)).collect::<Result<_>>()?,
+                messages: messages
+                    .iter()
+                    .map(|m| from_json(m))
+                    .collect::<Result<_>>()?,
                 state: from_json(&state)?,
-                patches: patches.iter().map(|p| from_json(p)).collect::<Result<_>>()?,
+                patches: patches
+                    .iter()
+                    .map(|p| from_json(p))
+                    .collect::<Result<_>>()?,
                 metadata: from_json(&metadata)?,
             },
             version: u(version),
@@ -553,12 +589,23 @@ impl Store for PostgresStore {
             sql.push(" AND parent_thread_id = ").push_bind(enc(p));
         }
         if let Some(after) = &q.after {
-            sql.push(" AND id > ").push_bind(after.as_str().to_owned()).push(" COLLATE \"C\"");
+            sql.push(" AND id > ")
+                .push_bind(after.as_str().to_owned())
+                .push(" COLLATE \"C\"");
         }
         sql.push(" ORDER BY id LIMIT ")
             .push_bind(i64::try_from(q.limit.saturating_add(1)).unwrap_or(i64::MAX));
         #[allow(clippy::type_complexity)]
-        let rows: Vec<(String, Option<String>, Option<String>, i64, i64, i64, i64, String)> = sql
+        let rows: Vec<(
+            String,
+            Option<String>,
+            Option<String>,
+            i64,
+            i64,
+            i64,
+            i64,
+            String,
+        )> = sql
             .build_query_as()
             .fetch_all(&self.pool)
             .await
@@ -567,18 +614,20 @@ impl Store for PostgresStore {
         let threads = rows
             .into_iter()
             .take(q.limit)
-            .map(|(id, resource_id, parent, version, created_at, updated_at, count, metadata)| {
-                Ok(ThreadSummary {
-                    id,
-                    resource_id: dec_opt(resource_id)?,
-                    parent_thread_id: dec_opt(parent)?,
-                    version: u(version),
-                    created_at,
-                    updated_at,
-                    message_count: u(count),
-                    metadata: from_json(&metadata)?,
-                })
-            })
+            .map(
+                |(id, resource_id, parent, version, created_at, updated_at, count, metadata)| {
+                    Ok(ThreadSummary {
+                        id,
+                        resource_id: dec_opt(resource_id)?,
+                        parent_thread_id: dec_opt(parent)?,
+                        version: u(version),
+                        created_at,
+                        updated_at,
+                        message_count: u(count),
+                        metadata: from_json(&metadata)?,
+                    })
+                },
+            )
             .collect::<Result<_>>()?;
         Ok(ListPage { threads, has_more })
     }
@@ -776,10 +825,12 @@ impl Store for PostgresStore {
              (SELECT cursor, body FROM messages WHERE thread_id = t.id",
         );
         if let Some(after) = q.after {
-            sql.push(" AND cursor > ").push_bind(i64::try_from(after).unwrap_or(i64::MAX));
+            sql.push(" AND cursor > ")
+                .push_bind(i64::try_from(after).unwrap_or(i64::MAX));
         }
         if let Some(before) = q.before {
-            sql.push(" AND cursor < ").push_bind(i64::try_from(before).unwrap_or(i64::MAX));
+            sql.push(" AND cursor < ")
+                .push_bind(i64::try_from(before).unwrap_or(i64::MAX));
         }
         match q.visibility {
             VisibilityFilter::All => {
@@ -832,21 +883,22 @@ impl Store for PostgresStore {
 
     async fn history(&self, id: &ThreadId, after: u64, limit: usize) -> Result<History> {
         #[allow(clippy::type_complexity)]
-        let rows: Vec<(i64, Option<i64>, Option<i64>, Option<i64>, Option<String>)> = sqlx::query_as(
-            "SELECT t.version, \
+        let rows: Vec<(i64, Option<i64>, Option<i64>, Option<i64>, Option<String>)> =
+            sqlx::query_as(
+                "SELECT t.version, \
                (SELECT min(version) FROM history WHERE thread_id = t.id), \
                h.version, h.at, h.change \
              FROM threads t LEFT JOIN LATERAL \
                (SELECT version, at, change FROM history \
                 WHERE thread_id = t.id AND version > $2 ORDER BY version LIMIT $3) h ON true \
              WHERE t.id = $1 ORDER BY h.version",
-        )
-        .bind(id.as_str())
-        .bind(i64::try_from(after).unwrap_or(i64::MAX))
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db_err)?;
+            )
+            .bind(id.as_str())
+            .bind(i64::try_from(after).unwrap_or(i64::MAX))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
         let (version, first_kept) = rows
             .first()
             .map(|r| (u(r.0), r.1.map(u)))
@@ -870,15 +922,21 @@ impl Store for PostgresStore {
 
     async fn runs(&self, id: &ThreadId) -> Result<Vec<RunRecord>> {
         #[allow(clippy::type_complexity)]
-        let rows: Vec<(Option<String>, Option<String>, Option<String>, Option<i64>, Option<i64>, Option<i64>)> =
-            sqlx::query_as(
-                "SELECT r.run_id, r.parent_run_id, r.meta, r.version, r.created_at, r.updated_at \
+        let rows: Vec<(
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+        )> = sqlx::query_as(
+            "SELECT r.run_id, r.parent_run_id, r.meta, r.version, r.created_at, r.updated_at \
                  FROM threads t LEFT JOIN runs r ON r.thread_id = t.id WHERE t.id = $1",
-            )
-            .bind(id.as_str())
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_err)?;
+        )
+        .bind(id.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
         if rows.is_empty() {
             return Err(StoreError::NotFound);
         }
@@ -895,17 +953,23 @@ impl Store for PostgresStore {
 
     async fn run(&self, id: &ThreadId, run_id: &str) -> Result<RunRecord> {
         #[allow(clippy::type_complexity)]
-        let row: Option<(Option<String>, Option<String>, Option<String>, Option<i64>, Option<i64>, Option<i64>)> =
-            sqlx::query_as(
-                "SELECT r.run_id, r.parent_run_id, r.meta, r.version, r.created_at, r.updated_at \
+        let row: Option<(
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+        )> = sqlx::query_as(
+            "SELECT r.run_id, r.parent_run_id, r.meta, r.version, r.created_at, r.updated_at \
                  FROM threads t LEFT JOIN runs r ON r.thread_id = t.id AND r.run_id = $2 \
                  WHERE t.id = $1",
-            )
-            .bind(id.as_str())
-            .bind(enc(run_id))
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db_err)?;
+        )
+        .bind(id.as_str())
+        .bind(enc(run_id))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
         match row.ok_or(StoreError::NotFound)? {
             (Some(run_id), parent, Some(meta), Some(v), Some(c), Some(up)) => {
                 run_record(id.as_str(), (run_id, parent, meta, v, c, up))

@@ -6,7 +6,7 @@
 //! error leaves the record exactly as it was.
 
 use super::{
-    Appended, Change, Expect, History, HistoryEntry, IDEMPOTENCY_KEYS_KEPT, HISTORY_LIMIT,
+    Appended, Change, Expect, HISTORY_LIMIT, History, HistoryEntry, IDEMPOTENCY_KEYS_KEPT,
     IdempotencyKey, MessagePage, MessageQuery, Order, Result, RunRecord, Snapshot, StoreError,
     ThreadSummary,
 };
@@ -108,8 +108,7 @@ impl Record {
         now: i64,
     ) -> Result<Appended> {
         if let Some(key) = idempotency {
-            if let Some((seen, version)) = self.idempotency.iter().find(|(k, _)| k.key == key.key)
-            {
+            if let Some((seen, version)) = self.idempotency.iter().find(|(k, _)| k.key == key.key) {
                 if seen.fingerprint != key.fingerprint {
                     return Err(StoreError::IdempotencyKeyReused);
                 }
@@ -201,7 +200,8 @@ impl Record {
 
     pub fn replace(&mut self, mut thread: Thread, expect: Expect, now: i64) -> Result<u64> {
         expect.check(self.version)?;
-        let id = ThreadId::parse(&self.thread.id).map_err(|e| StoreError::Internal(e.to_string()))?;
+        let id =
+            ThreadId::parse(&self.thread.id).map_err(|e| StoreError::Internal(e.to_string()))?;
         self.current_state = super::prepare_thread(&id, &mut thread)?;
         self.thread = thread.clone();
         self.rebuild_ids();
@@ -223,8 +223,13 @@ impl Record {
 
     pub fn messages(&self, q: &MessageQuery) -> MessagePage {
         let all = &self.thread.messages;
-        let lo = q.after.map_or(0, |a| a.saturating_add(1)).min(all.len() as u64) as usize;
-        let hi = q.before.map_or(all.len() as u64, |b| b.min(all.len() as u64)) as usize;
+        let lo = q
+            .after
+            .map_or(0, |a| a.saturating_add(1))
+            .min(all.len() as u64) as usize;
+        let hi = q
+            .before
+            .map_or(all.len() as u64, |b| b.min(all.len() as u64)) as usize;
         let window = all.get(lo..hi.max(lo)).unwrap_or_default();
         let admitted = window
             .iter()
@@ -232,7 +237,10 @@ impl Record {
             .map(|(i, m)| ((lo + i) as u64, m))
             .filter(|(c, m)| q.admits(*c, m));
         let mut page: Vec<(u64, _)> = match q.order {
-            Order::Asc => admitted.take(q.limit + 1).map(|(c, m)| (c, m.clone())).collect(),
+            Order::Asc => admitted
+                .take(q.limit + 1)
+                .map(|(c, m)| (c, m.clone()))
+                .collect(),
             Order::Desc => {
                 let all: Vec<_> = admitted.collect();
                 all.into_iter()

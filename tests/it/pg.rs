@@ -37,11 +37,13 @@ fn base_options() -> PgConnectOptions {
 
 async fn admin_connection() -> PgConnection {
     let url = base_url();
-    PgConnection::connect_with(&base_options()).await.unwrap_or_else(|e| {
-        panic!(
-            "PostgreSQL is not reachable at {url} ({e}); start it or set THREADGATE_TEST_PG_URL"
-        )
-    })
+    PgConnection::connect_with(&base_options())
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "PostgreSQL is not reachable at {url} ({e}); start it or set THREADGATE_TEST_PG_URL"
+            )
+        })
 }
 
 /// A schema created for one test; dropped (with everything in it) when this is dropped.
@@ -52,7 +54,7 @@ pub struct PgSchema {
 impl PgSchema {
     /// Creates a uniquely named empty schema in the test database.
     pub async fn create() -> Self {
-        let name = format!("tg_test_{}", uuid::Uuid::new_v4().simple());
+        let name = format!("tg_test_{}", uuid::Uuid::now_v7().simple());
         let mut conn = admin_connection().await;
         sqlx::query(&format!("CREATE SCHEMA {name}"))
             .execute(&mut conn)
@@ -109,7 +111,12 @@ pub async fn fresh_store() -> (PostgresStore, PgSchema) {
     let schema = PgSchema::create().await;
     let store = PostgresStore::connect_with(schema.options())
         .await
-        .unwrap_or_else(|e| panic!("cannot open a PostgresStore on schema {}: {e:#}", schema.name));
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot open a PostgresStore on schema {}: {e:#}",
+                schema.name
+            )
+        });
     (store, schema)
 }
 
@@ -171,5 +178,8 @@ async fn unreachable_server_is_unavailable() {
     let id = ThreadId::parse("t").unwrap();
     let err = store.version(&id).await.unwrap_err();
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
-    assert!(matches!(store.ping().await, Err(StoreError::Unavailable(_))));
+    assert!(matches!(
+        store.ping().await,
+        Err(StoreError::Unavailable(_))
+    ));
 }

@@ -1,0 +1,177 @@
+//! The shared harness: start the real gateway on port 0 against a chosen backend (memory,
+//! a file store in a temp dir, or PostgreSQL in a fresh schema) and talk to it over HTTP.
+
+use crate::pg::PgSchema;
+use reqwest::{Method, Response, StatusCode};
+use serde_json::Value;
+use tempfile::TempDir;
+use threadgate::app::Running;
+use threadgate::config::Config;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Memory,
+    File,
+    Postgres,
+}
+
+pub struct Gateway {
+    pub base: String,
+    pub http: reqwest::Client,
+    running: Option<Running>,
+    _dir: Option<TempDir>,
+    _schema: Option<PgSchema>,
+}
+
+impl Gateway {
+    pub async fn start(backend: Backend) -> Self {
+        Self::start_with(backend, |_| {}).await
+    }
+
+    /// Starts with a configuration tweak (e.g. a smaller body limit).
+    pub async fn start_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -> Self {
+        let (store, dir, schema) = match backend {
+            Backend::Memory => ("memory:".to_owned(), None, None),
+            Backend::File => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                (format!("file:{}", dir.path().display()), Some(dir), None)
+            }
+            Backend::Postgres => {
+                let schema = PgSchema::create().await;
+                (schema.url(), None, Some(schema))
+            }
+        };
+        let mut config = Config::for_tests(&store);
+        tweak(&mut config);
+        Self::start_config(config, dir, schema).await
+    }
+
+    /// Starts with a PostgreSQL store reached through `url` (e.g. via a proxy), in `schema`.
+    pub async fn start_config(
+        config: Config,
+        dir: Option<TempDir>,
+        schema: Option<PgSchema>,
+    ) -> Self {
+        let running = threadgate::app::start(&config)
+            .await
+            .unwrap_or_else(|e| panic!("gateway did not start with {}: {e:#}", config.store));
+        Gateway {
+            base: format!("http://{}", running.addr),
+            http: reqwest::Client::new(),
+            running: Some(running),
+            _dir: dir,
+            _schema: schema,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub async fn send(&self, method: Method, path: &str, body: Option<&Value>) -> Response {
+        let mut req = self.http.request(method, self.url(path));
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        req.send().await.expect("request reaches the gateway")
+    }
+
+    pub async fn get(&self, path: &str) -> Response {
+        self.send(Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> Response {
+        self.send(Method::POST, path, Some(body)).await
+    }
+
+    /// GET that must answer 200 with JSON.
+    pub async fn get_json(&self, path: &str) -> Value {
+        let res = self.get(path).await;
+        assert_eq!(res.status(), StatusCode::OK, "GET {path}");
+        res.json().await.expect("JSON body")
+    }
+
+    /// Creates a thread from `body` and returns the created thread view.
+    pub async fn create(&self, body: Value) -> Value {
+        let res = self.post("/v1/threads", &body).await;
+        let status = res.status();
+        let text = res.text().await.unwrap();
+        assert_eq!(status, StatusCode::CREATED, "create {body}: {text}");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    /// Appends a delta and returns the version it produced.
+    pub async fn append(&self, id: &str, delta: Value) -> u64 {
+        let res = self
+            .post(&format!("/v1/threads/{}/deltas", enc(id)), &delta)
+            .await;
+        let status = res.status();
+        let text = res.text().await.unwrap();
+        assert_eq!(status, StatusCode::OK, "append to {id}: {text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        v["version"].as_u64().expect("version in append answer")
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            r.stop().await.expect("clean shutdown");
+        }
+    }
+}
+
+/// Percent-encodes an id for a URL path segment.
+pub fn enc(id: &str) -> String {
+    id.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// A minimal assistant-turn delta with one message.
+pub fn delta_msg(run: &str, id: Option<&str>, text: &str) -> Value {
+    let mut m = serde_json::json!({"role": "assistant", "content": text});
+    if let Some(id) = id {
+        m["id"] = id.into();
+    }
+    serde_json::json!({"run_id": run, "reason": "AssistantTurnCommitted", "messages": [m], "patches": []})
+}
+
+/// Asserts an RFC 9457 problem answer with the given status and code; returns the body.
+pub async fn expect_problem(res: Response, status: StatusCode, code: &str) -> Value {
+    let got = res.status();
+    let ct = res
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let body: Value = res.json().await.expect("problem body is JSON");
+    assert_eq!(got, status, "status for {body}");
+    assert_eq!(ct, "application/problem+json", "content type for {body}");
+    assert_eq!(body["code"], code, "code in {body}");
+    assert_eq!(body["status"], status.as_u16());
+    body
+}
+
+/// Generates one `#[tokio::test]` per backend for an `async fn(Gateway)` case.
+#[macro_export]
+macro_rules! each_backend {
+    ($($case:ident),* $(,)?) => {
+        $(
+            mod $case {
+                use $crate::harness::{Backend, Gateway};
+                #[tokio::test]
+                async fn memory() { super::$case(Gateway::start(Backend::Memory).await).await }
+                #[tokio::test]
+                async fn file() { super::$case(Gateway::start(Backend::File).await).await }
+                #[tokio::test]
+                async fn postgres() { super::$case(Gateway::start(Backend::Postgres).await).await }
+            }
+        )*
+    };
+}

@@ -1,0 +1,1462 @@
+//! One behaviour suite for every `Store` backend.
+//!
+//! Each case is an `async fn(&DynStore)`; the `suite!` macro at the bottom turns every case
+//! into one `#[tokio::test]` per backend (`store_conformance::<backend>::<case>`), each on a
+//! fresh store (memory; file in a temp dir; PostgreSQL in a fresh schema).
+
+use serde_json::{Value, json};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use threadgate::id::ThreadId;
+use threadgate::model::{ChangeSet, Extra, Message, Thread};
+use threadgate::store::{
+    Change, DynStore, Expect, FileStore, HISTORY_LIMIT, IdempotencyKey, ListQuery, MemoryStore,
+    MessageQuery, Order, StoreError, VisibilityFilter,
+};
+
+// ---------------------------------------------------------------------------------------
+// Backends
+// ---------------------------------------------------------------------------------------
+
+/// A store plus whatever must outlive it (temp dir, schema). Fields drop in order: the
+/// store first, then the guard.
+pub struct Backend {
+    pub store: DynStore,
+    _guard: Box<dyn Send>,
+}
+
+async fn memory() -> Backend {
+    Backend {
+        store: Arc::new(MemoryStore::new()),
+        _guard: Box::new(()),
+    }
+}
+
+async fn file() -> Backend {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = FileStore::open(dir.path()).await.expect("open file store");
+    Backend {
+        store: Arc::new(store),
+        _guard: Box::new(dir),
+    }
+}
+
+async fn postgres() -> Backend {
+    let (store, schema) = crate::pg::fresh_store().await;
+    Backend {
+        store: Arc::new(store),
+        _guard: Box::new(schema),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------
+
+fn tid(s: &str) -> ThreadId {
+    ThreadId::parse(s).expect("valid id")
+}
+
+fn from<T: serde::de::DeserializeOwned>(v: Value) -> T {
+    serde_json::from_value(v).expect("valid wire JSON")
+}
+
+fn text<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("serialisable")
+}
+
+fn user(id: &str, content: &str) -> Message {
+    from(json!({"id": id, "role": "user", "content": content}))
+}
+
+fn anon(content: &str) -> Message {
+    from(json!({"role": "assistant", "content": content}))
+}
+
+fn delta(run: &str, messages: Vec<Message>) -> ChangeSet {
+    from(json!({
+        "run_id": run, "reason": "AssistantTurnCommitted", "messages": messages, "patches": []
+    }))
+}
+
+fn set(path: Value, value: Value) -> Value {
+    json!({"patch": {"ops": [{"op": "set", "path": path, "value": value}]}})
+}
+
+fn key(k: &str, fp: &str) -> IdempotencyKey {
+    IdempotencyKey {
+        key: k.into(),
+        fingerprint: fp.into(),
+    }
+}
+
+fn meta(v: Value) -> Extra {
+    from(v)
+}
+
+fn contents(messages: &[Message]) -> Vec<&str> {
+    messages.iter().map(|m| m.content.as_str()).collect()
+}
+
+async fn create_empty(s: &DynStore, id: &str) {
+    s.create(&tid(id), Thread::new(id)).await.expect("create");
+}
+
+async fn all_messages(s: &DynStore, id: &str) -> Vec<(u64, Message)> {
+    let q = MessageQuery {
+        limit: 10_000,
+        visibility: VisibilityFilter::Any,
+        ..Default::default()
+    };
+    s.messages(&tid(id), &q).await.expect("messages").messages
+}
+
+macro_rules! assert_err {
+    ($e:expr, $pat:pat) => {
+        match $e {
+            Err($pat) => {}
+            other => panic!("expected {}, got {:?}", stringify!($pat), other),
+        }
+    };
+}
+
+/// Everything a read can observe about a thread, for "nothing changed" checks.
+async fn observe(s: &DynStore, id: &str) -> String {
+    let id = tid(id);
+    let snap = s.get(&id).await.expect("get");
+    let (state, sv) = s.state(&id).await.expect("state");
+    let history = s.history(&id, 0, 10_000).await.expect("history");
+    let runs = s.runs(&id).await.expect("runs");
+    format!(
+        "{} v{} w{} u{} | {} @{sv} | {:?} | {}",
+        text(&snap.thread),
+        snap.version,
+        snap.watermark,
+        snap.updated_at,
+        text(&state),
+        history
+            .entries
+            .iter()
+            .map(|e| e.version)
+            .collect::<Vec<_>>(),
+        text(&runs)
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// Cases
+// ---------------------------------------------------------------------------------------
+
+async fn create_get_round_trip(s: &DynStore) {
+    let id = tid("t1");
+    let thread: Thread = from(json!({
+        "id": "ignored-the-path-wins",
+        "resource_id": "user-1",
+        "parent_thread_id": "parent-9",
+        "messages": [
+            {"id": "m1", "role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello", "visibility": "internal"}
+        ],
+        "state": {"a": 1},
+        "patches": [set(json!(["b"]), json!(2))],
+        "metadata": {"title": "T", "version": 99, "created_at": 1, "updated_at": 2}
+    }));
+    let created = s.create(&id, thread).await.expect("create");
+    assert_eq!(created.version, 0);
+    assert_eq!(created.watermark, 0);
+    assert!(
+        created.created_at > 1_600_000_000_000,
+        "{}",
+        created.created_at
+    );
+    assert_eq!(created.updated_at, created.created_at);
+    assert_eq!(created.thread.id, "t1");
+    assert_eq!(created.thread.metadata, meta(json!({"title": "T"})));
+
+    let got = s.get(&id).await.expect("get");
+    assert_eq!(got, created);
+    assert_eq!(got.thread.resource_id.as_deref(), Some("user-1"));
+    assert_eq!(got.thread.parent_thread_id.as_deref(), Some("parent-9"));
+    assert_eq!(contents(&got.thread.messages), ["hi", "hello"]);
+    assert_eq!(got.thread.state, json!({"a": 1}));
+    assert_eq!(got.thread.patches.len(), 1);
+    let wire = got.to_wire();
+    assert_eq!(wire.metadata["version"], json!(0));
+    assert_eq!(wire.metadata["created_at"], json!(created.created_at));
+
+    assert_eq!(s.version(&id).await.unwrap(), 0);
+    assert_eq!(s.state(&id).await.unwrap(), (json!({"a": 1, "b": 2}), 0));
+    let page = s
+        .messages(
+            &id,
+            &MessageQuery {
+                limit: 10,
+                visibility: VisibilityFilter::Any,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        page.messages.iter().map(|m| m.0).collect::<Vec<_>>(),
+        [0, 1]
+    );
+    assert_eq!(page.version, 0);
+    let h = s.history(&id, 0, 10).await.unwrap();
+    assert!(h.entries.is_empty());
+    assert_eq!(h.first_kept, None);
+    assert_eq!(h.version, 0);
+    assert!(s.runs(&id).await.unwrap().is_empty());
+    assert_err!(s.get(&tid("t2")).await, StoreError::NotFound);
+    assert_err!(s.version(&tid("t2")).await, StoreError::NotFound);
+}
+
+async fn create_rejects_invalid_thread(s: &DynStore) {
+    let dup: Thread = from(json!({"id": "x", "messages": [
+        {"id": "m", "role": "user", "content": "a"}, {"id": "m", "role": "user", "content": "b"}
+    ]}));
+    assert_err!(
+        s.create(&tid("x"), dup).await,
+        StoreError::InvalidThread { .. }
+    );
+    let bad_patch: Thread = from(json!({"id": "x", "state": {"n": "s"}, "patches": [
+        {"patch": {"ops": [{"op": "increment", "path": ["n"], "amount": 1}]}}
+    ]}));
+    assert_err!(
+        s.create(&tid("x"), bad_patch).await,
+        StoreError::InvalidThread { .. }
+    );
+    assert_err!(s.get(&tid("x")).await, StoreError::NotFound);
+    create_empty(s, "x").await;
+}
+
+async fn duplicate_create(s: &DynStore) {
+    let id = tid("dup");
+    let mut first = Thread::new("dup");
+    first.messages.push(user("m1", "first"));
+    s.create(&id, first).await.unwrap();
+    let mut second = Thread::new("dup");
+    second.messages.push(user("m1", "second"));
+    assert_err!(s.create(&id, second).await, StoreError::AlreadyExists);
+    let got = s.get(&id).await.unwrap();
+    assert_eq!(contents(&got.thread.messages), ["first"]);
+    assert_eq!(got.version, 0);
+}
+
+async fn concurrent_creates(s: &DynStore) {
+    let tasks: Vec<_> = ["a", "b"]
+        .into_iter()
+        .map(|who| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let mut t = Thread::new("race");
+                t.messages.push(user("m", who));
+                s.create(&tid("race"), t).await.map(|_| who)
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    let mut already = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(who) => winners.push(who),
+            Err(StoreError::AlreadyExists) => already += 1,
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!((winners.len(), already), (1, 1));
+    let got = s.get(&tid("race")).await.unwrap();
+    assert_eq!(contents(&got.thread.messages), [winners[0]]);
+}
+
+async fn append_versions(s: &DynStore) {
+    create_empty(s, "t").await;
+    let id = tid("t");
+    for n in 1..=3u64 {
+        let a = s
+            .append(
+                &id,
+                &delta("r", vec![anon(&format!("m{n}"))]),
+                Expect::Any,
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!((a.version, a.replayed), (n, false));
+    }
+    let got = s.get(&id).await.unwrap();
+    assert_eq!((got.version, got.watermark), (3, 3));
+    assert!(got.updated_at >= got.created_at);
+    assert_eq!(contents(&got.thread.messages), ["m1", "m2", "m3"]);
+    assert_eq!(s.version(&id).await.unwrap(), 3);
+    assert_err!(
+        s.append(&tid("nope"), &delta("r", vec![]), Expect::Any, None)
+            .await,
+        StoreError::NotFound
+    );
+}
+
+async fn exact_conflict(s: &DynStore) {
+    create_empty(s, "t").await;
+    let id = tid("t");
+    s.append(&id, &delta("r", vec![anon("1")]), Expect::Exact(0), None)
+        .await
+        .unwrap();
+    let err = s
+        .append(&id, &delta("r", vec![anon("2")]), Expect::Exact(0), None)
+        .await
+        .unwrap_err();
+    match &err {
+        StoreError::VersionConflict { expected, actual } => {
+            assert_eq!((*expected, *actual), (0, 1))
+        }
+        other => panic!("expected VersionConflict, got {other:?}"),
+    }
+    let text = err.to_string();
+    assert!(text.contains('0') && text.contains('1'), "{text}");
+    assert_eq!(
+        s.append(&id, &delta("r", vec![anon("2")]), Expect::Exact(1), None)
+            .await
+            .unwrap()
+            .version,
+        2
+    );
+    assert_err!(
+        s.replace(&id, Thread::new("t"), Expect::Exact(1)).await,
+        StoreError::VersionConflict {
+            expected: 1,
+            actual: 2
+        }
+    );
+    assert_err!(
+        s.patch_metadata(&id, meta(json!({"a": 1})), Expect::Exact(7))
+            .await,
+        StoreError::VersionConflict {
+            expected: 7,
+            actual: 2
+        }
+    );
+    assert_err!(
+        s.delete(&id, Expect::Exact(3)).await,
+        StoreError::VersionConflict {
+            expected: 3,
+            actual: 2
+        }
+    );
+    assert_eq!(
+        contents(&s.get(&id).await.unwrap().thread.messages),
+        ["1", "2"]
+    );
+}
+
+async fn concurrent_appends_any(s: &DynStore) {
+    create_empty(s, "t").await;
+    let tasks: Vec<_> = (0..20)
+        .map(|n| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let d = delta("r", vec![user(&format!("m{n}"), &format!("c{n}"))]);
+                s.append(&tid("t"), &d, Expect::Any, None).await
+            })
+        })
+        .collect();
+    let mut versions = BTreeSet::new();
+    for t in tasks {
+        versions.insert(t.await.unwrap().expect("append").version);
+    }
+    assert_eq!(versions, (1..=20).collect());
+    let got = s.get(&tid("t")).await.unwrap();
+    assert_eq!(got.version, 20);
+    assert_eq!(got.thread.messages.len(), 20);
+    let ids: BTreeSet<_> = got
+        .thread
+        .messages
+        .iter()
+        .filter_map(|m| m.id.clone())
+        .collect();
+    assert_eq!(ids.len(), 20);
+    let h = s.history(&tid("t"), 0, 100).await.unwrap();
+    assert_eq!(
+        h.entries.iter().map(|e| e.version).collect::<Vec<_>>(),
+        (1..=20).collect::<Vec<_>>()
+    );
+}
+
+async fn concurrent_appends_exact(s: &DynStore) {
+    create_empty(s, "t").await;
+    s.append(
+        &tid("t"),
+        &delta("r", vec![anon("first")]),
+        Expect::Any,
+        None,
+    )
+    .await
+    .unwrap();
+    let tasks: Vec<_> = (0..20)
+        .map(|n| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let d = delta("r", vec![anon(&format!("c{n}"))]);
+                s.append(&tid("t"), &d, Expect::Exact(1), None).await
+            })
+        })
+        .collect();
+    let (mut ok, mut conflicts) = (Vec::new(), 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(a) => ok.push(a.version),
+            Err(StoreError::VersionConflict {
+                expected: 1,
+                actual: 2,
+            }) => conflicts += 1,
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!(ok, [2]);
+    assert_eq!(conflicts, 19);
+    assert_eq!(s.get(&tid("t")).await.unwrap().thread.messages.len(), 2);
+}
+
+async fn message_dedup(s: &DynStore) {
+    let id = tid("t");
+    let mut t = Thread::new("t");
+    t.messages.push(user("m0", "zero"));
+    s.create(&id, t).await.unwrap();
+    let d1 = delta("r", vec![user("m1", "one"), user("m0", "zero again")]);
+    s.append(&id, &d1, Expect::Any, None).await.unwrap();
+    let d2 = delta(
+        "r",
+        vec![
+            user("m1", "one again"),
+            user("m2", "two"),
+            anon("x"),
+            anon("x"),
+            user("m2", "two again"),
+        ],
+    );
+    s.append(&id, &d2, Expect::Any, None).await.unwrap();
+    let got = s.get(&id).await.unwrap();
+    assert_eq!(
+        contents(&got.thread.messages),
+        ["zero", "one", "two", "x", "x"]
+    );
+    assert_eq!(got.version, 2);
+    // A delta made only of known messages is still a write.
+    let a = s
+        .append(&id, &delta("r", vec![user("m2", "dup")]), Expect::Any, None)
+        .await
+        .unwrap();
+    assert_eq!(a.version, 3);
+    let page = all_messages(s, "t").await;
+    assert_eq!(
+        page.iter().map(|m| m.0).collect::<Vec<_>>(),
+        [0, 1, 2, 3, 4]
+    );
+    // The same ids on another thread are that thread's own.
+    create_empty(s, "other").await;
+    s.append(&tid("other"), &d1, Expect::Any, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        contents(&s.get(&tid("other")).await.unwrap().thread.messages),
+        ["one", "zero again"]
+    );
+}
+
+async fn invalid_delta_changes_nothing(s: &DynStore) {
+    let id = tid("t");
+    let t: Thread = from(json!({"id": "t", "state": {"n": "text", "k": 1}}));
+    s.create(&id, t).await.unwrap();
+    s.append(&id, &delta("r", vec![user("m1", "ok")]), Expect::Any, None)
+        .await
+        .unwrap();
+    let before = observe(s, "t").await;
+    let bad: ChangeSet = from(json!({
+        "run_id": "r2", "reason": "AssistantTurnCommitted",
+        "run_meta": {"agent_id": "a", "origin": "user", "status": "running"},
+        "messages": [{"id": "m2", "role": "user", "content": "never"}],
+        "patches": [
+            set(json!(["k"]), json!(2)),
+            {"patch": {"ops": [{"op": "increment", "path": ["n"], "amount": 1}]}}
+        ]
+    }));
+    let ik = key("k1", "fp");
+    assert_err!(
+        s.append(&id, &bad, Expect::Any, Some(&ik)).await,
+        StoreError::InvalidDelta(_)
+    );
+    assert_err!(
+        s.apply_batch(&id, &[(2, bad.clone())]).await,
+        StoreError::InvalidDelta(_)
+    );
+    assert_eq!(observe(s, "t").await, before);
+    // A snapshot delta whose patches fail does not reset anything either.
+    let mut bad_snap = bad.clone();
+    bad_snap.snapshot = Some(json!({"n": "still text"}));
+    assert_err!(
+        s.append(&id, &bad_snap, Expect::Any, None).await,
+        StoreError::InvalidDelta(_)
+    );
+    assert_eq!(observe(s, "t").await, before);
+    // The key was not recorded: a corrected request with it is a first write.
+    let a = s
+        .append(
+            &id,
+            &delta("r", vec![user("m2", "fine")]),
+            Expect::Any,
+            Some(&ik),
+        )
+        .await
+        .unwrap();
+    assert_eq!((a.version, a.replayed), (2, false));
+    assert_eq!(
+        s.state(&id).await.unwrap(),
+        (json!({"n": "text", "k": 1}), 2)
+    );
+}
+
+async fn snapshot_clears_patches(s: &DynStore) {
+    let id = tid("t");
+    let t: Thread =
+        from(json!({"id": "t", "state": {"a": 1}, "patches": [set(json!(["b"]), json!(2))]}));
+    s.create(&id, t).await.unwrap();
+    let d: ChangeSet = from(json!({
+        "run_id": "r", "reason": "RunFinished", "messages": [],
+        "patches": [set(json!(["y"]), json!(2))], "snapshot": {"x": 1}
+    }));
+    s.append(&id, &d, Expect::Any, None).await.unwrap();
+    let got = s.get(&id).await.unwrap();
+    assert_eq!(got.thread.state, json!({"x": 1}));
+    assert_eq!(
+        text(&got.thread.patches),
+        text(&vec![set(json!(["y"]), json!(2))])
+    );
+    assert_eq!(s.state(&id).await.unwrap(), (json!({"x": 1, "y": 2}), 1));
+    // A null snapshot is no snapshot: patches accumulate.
+    let d: ChangeSet = from(json!({
+        "run_id": "r", "reason": "RunFinished", "messages": [],
+        "patches": [set(json!(["z"]), json!(3))], "snapshot": null
+    }));
+    s.append(&id, &d, Expect::Any, None).await.unwrap();
+    let got = s.get(&id).await.unwrap();
+    assert_eq!(got.thread.state, json!({"x": 1}));
+    assert_eq!(got.thread.patches.len(), 2);
+    assert_eq!(
+        s.state(&id).await.unwrap(),
+        (json!({"x": 1, "y": 2, "z": 3}), 2)
+    );
+    // Snapshot then more patches in a later delta still rebuild.
+    let d: ChangeSet = from(json!({
+        "run_id": "r", "reason": "RunFinished", "messages": [], "patches": [], "snapshot": [1]
+    }));
+    s.append(&id, &d, Expect::Any, None).await.unwrap();
+    let got = s.get(&id).await.unwrap();
+    assert_eq!(
+        (got.thread.state.clone(), got.thread.patches.len()),
+        (json!([1]), 0)
+    );
+    assert_eq!(s.state(&id).await.unwrap(), (json!([1]), 3));
+}
+
+async fn idempotency(s: &DynStore) {
+    create_empty(s, "t").await;
+    create_empty(s, "u").await;
+    let id = tid("t");
+    let d = delta("r", vec![anon("once")]);
+    let k = key("k1", "fp1");
+    let a = s.append(&id, &d, Expect::Any, Some(&k)).await.unwrap();
+    assert_eq!((a.version, a.replayed), (1, false));
+    let b = s.append(&id, &d, Expect::Any, Some(&k)).await.unwrap();
+    assert_eq!((b.version, b.replayed), (1, true));
+    s.append(&id, &delta("r", vec![anon("other")]), Expect::Any, None)
+        .await
+        .unwrap();
+    // A replay answers before the precondition is checked (the first attempt succeeded).
+    let c = s.append(&id, &d, Expect::Exact(0), Some(&k)).await.unwrap();
+    assert_eq!((c.version, c.replayed), (1, true));
+    assert_err!(
+        s.append(
+            &id,
+            &delta("r", vec![anon("x")]),
+            Expect::Any,
+            Some(&key("k1", "fp2"))
+        )
+        .await,
+        StoreError::IdempotencyKeyReused
+    );
+    let got = s.get(&id).await.unwrap();
+    assert_eq!(contents(&got.thread.messages), ["once", "other"]);
+    assert_eq!(got.version, 2);
+    // Keys belong to one thread.
+    let u = s
+        .append(&tid("u"), &d, Expect::Any, Some(&key("k1", "fp2")))
+        .await
+        .unwrap();
+    assert_eq!((u.version, u.replayed), (1, false));
+    // Concurrent retries of one request append once.
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let d = delta("r", vec![anon("retried")]);
+                s.append(&tid("t"), &d, Expect::Any, Some(&key("k2", "fp")))
+                    .await
+            })
+        })
+        .collect();
+    let mut versions = BTreeSet::new();
+    for t in tasks {
+        versions.insert(t.await.unwrap().unwrap().version);
+    }
+    assert_eq!(versions, BTreeSet::from([3]));
+    assert_eq!(s.get(&id).await.unwrap().thread.messages.len(), 3);
+}
+
+async fn runs(s: &DynStore) {
+    create_empty(s, "t").await;
+    let id = tid("t");
+    let with_meta = |run: &str, status: &str, parent: Option<&str>| -> ChangeSet {
+        let mut v = json!({
+            "run_id": run, "reason": "AssistantTurnCommitted", "messages": [], "patches": [],
+            "run_meta": {"agent_id": "agent", "origin": "user", "status": status,
+                         "input_tokens": 3, "output_tokens": 4, "future_field": [1]}
+        });
+        if let Some(p) = parent {
+            v["parent_run_id"] = json!(p);
+        }
+        from(v)
+    };
+    s.append(
+        &id,
+        &with_meta("r1", "running", Some("p0")),
+        Expect::Any,
+        None,
+    )
+    .await
+    .unwrap();
+    let r1 = s.run(&id, "r1").await.unwrap();
+    assert_eq!((r1.run_id.as_str(), r1.thread_id.as_str()), ("r1", "t"));
+    assert_eq!(r1.parent_run_id.as_deref(), Some("p0"));
+    assert_eq!(r1.version, 1);
+    assert_eq!(r1.created_at, r1.updated_at);
+    assert_eq!(text(&r1.meta.extra["future_field"]), "[1]");
+    assert_eq!(text(&r1.meta.status), "\"running\"");
+    tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+    // A delta without run_meta leaves records alone and creates none.
+    s.append(&id, &delta("r9", vec![]), Expect::Any, None)
+        .await
+        .unwrap();
+    s.append(&id, &with_meta("r1", "done", None), Expect::Any, None)
+        .await
+        .unwrap();
+    let r1b = s.run(&id, "r1").await.unwrap();
+    assert_eq!(text(&r1b.meta.status), "\"done\"");
+    assert_eq!(r1b.version, 3);
+    assert_eq!(r1b.created_at, r1.created_at);
+    assert!(r1b.updated_at > r1.updated_at);
+    assert_eq!(r1b.parent_run_id.as_deref(), Some("p0"));
+    tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+    s.append(&id, &with_meta("r2", "waiting", None), Expect::Any, None)
+        .await
+        .unwrap();
+    let all = s.runs(&id).await.unwrap();
+    assert_eq!(
+        all.iter()
+            .map(|r| (r.run_id.as_str(), r.version))
+            .collect::<Vec<_>>(),
+        [("r1", 3), ("r2", 4)]
+    );
+    assert_eq!(all[0], r1b);
+    assert_err!(s.run(&id, "r9").await, StoreError::RunNotFound);
+    assert_err!(s.run(&id, "nope").await, StoreError::RunNotFound);
+    assert_err!(s.run(&tid("missing"), "r1").await, StoreError::NotFound);
+    assert_err!(s.runs(&tid("missing")).await, StoreError::NotFound);
+}
+
+async fn history_after(s: &DynStore) {
+    create_empty(s, "t").await;
+    let id = tid("t");
+    let d1 = delta("r", vec![user("a", "A")]);
+    let d2 = delta("r", vec![user("b", "B")]);
+    s.append(&id, &d1, Expect::Any, None).await.unwrap();
+    s.append(&id, &d2, Expect::Any, None).await.unwrap();
+    s.patch_metadata(&id, meta(json!({"k": 1, "version": 5})), Expect::Any)
+        .await
+        .unwrap();
+    let mut t = Thread::new("t");
+    t.messages.push(anon("replaced"));
+    s.replace(&id, t, Expect::Any).await.unwrap();
+    let h = s.history(&id, 0, 100).await.unwrap();
+    assert_eq!((h.first_kept, h.version), (Some(1), 4));
+    assert_eq!(
+        h.entries.iter().map(|e| e.version).collect::<Vec<_>>(),
+        [1, 2, 3, 4]
+    );
+    match &h.entries[0].change {
+        Change::Delta(d) => assert_eq!(text(d), text(&d1)),
+        other => panic!("expected a delta, got {other:?}"),
+    }
+    match &h.entries[2].change {
+        Change::Metadata(m) => assert_eq!(m, &meta(json!({"k": 1}))),
+        other => panic!("expected metadata, got {other:?}"),
+    }
+    match &h.entries[3].change {
+        Change::Replace(t) => assert_eq!(contents(&t.messages), ["replaced"]),
+        other => panic!("expected replace, got {other:?}"),
+    }
+    assert!(h.entries.iter().all(|e| e.at > 1_600_000_000_000));
+    let h = s.history(&id, 2, 100).await.unwrap();
+    assert_eq!(
+        h.entries.iter().map(|e| e.version).collect::<Vec<_>>(),
+        [3, 4]
+    );
+    let h = s.history(&id, 0, 2).await.unwrap();
+    assert_eq!(
+        h.entries.iter().map(|e| e.version).collect::<Vec<_>>(),
+        [1, 2]
+    );
+    let h = s.history(&id, 4, 100).await.unwrap();
+    assert!(h.entries.is_empty());
+    assert_eq!((h.first_kept, h.version), (Some(1), 4));
+    assert_err!(
+        s.history(&tid("missing"), 0, 10).await,
+        StoreError::NotFound
+    );
+}
+
+async fn history_bounded(s: &DynStore) {
+    create_empty(s, "t").await;
+    let id = tid("t");
+    let total = HISTORY_LIMIT as u64 + 5;
+    let batch: Vec<(u64, ChangeSet)> = (1..=total)
+        .map(|v| (v, delta("r", vec![user(&format!("m{v}"), "x")])))
+        .collect();
+    assert_eq!(s.apply_batch(&id, &batch).await.unwrap(), total);
+    let h = s.history(&id, 0, 10).await.unwrap();
+    assert_eq!(h.first_kept, Some(6));
+    assert_eq!(h.version, total);
+    assert_eq!(
+        h.entries.iter().map(|e| e.version).collect::<Vec<_>>(),
+        (6..16).collect::<Vec<_>>()
+    );
+    let h = s.history(&id, total - 1, 10).await.unwrap();
+    assert_eq!(
+        h.entries.iter().map(|e| e.version).collect::<Vec<_>>(),
+        [total]
+    );
+    let next = s
+        .append(&id, &delta("r", vec![]), Expect::Any, None)
+        .await
+        .unwrap();
+    assert_eq!(next.version, total + 1);
+    assert_eq!(s.history(&id, 0, 1).await.unwrap().first_kept, Some(7));
+    assert_eq!(all_messages(s, "t").await.len(), total as usize);
+}
+
+async fn apply_batch(s: &DynStore) {
+    create_empty(s, "t").await;
+    let id = tid("t");
+    let d = |n: u32| delta("r", vec![user(&format!("m{n}"), &format!("c{n}"))]);
+    let batch = vec![(1, d(1)), (2, d(2))];
+    assert_eq!(s.apply_batch(&id, &batch).await.unwrap(), 2);
+    assert_eq!(s.apply_batch(&id, &batch).await.unwrap(), 2);
+    let got = s.get(&id).await.unwrap();
+    assert_eq!((got.version, got.watermark), (2, 2));
+    assert_eq!(contents(&got.thread.messages), ["c1", "c2"]);
+    // Overlap: only the new tail is applied; message ids dedup within the batch too.
+    let overlap = vec![(1, d(1)), (2, d(2)), (3, d(3)), (4, d(3))];
+    assert_eq!(s.apply_batch(&id, &overlap).await.unwrap(), 4);
+    assert_eq!(
+        contents(&s.get(&id).await.unwrap().thread.messages),
+        ["c1", "c2", "c3"]
+    );
+    let h = s.history(&id, 0, 100).await.unwrap();
+    assert_eq!(
+        h.entries.iter().map(|e| e.version).collect::<Vec<_>>(),
+        [1, 2, 3, 4]
+    );
+    // Gaps are rejected and change nothing.
+    let before = observe(s, "t").await;
+    assert_err!(
+        s.apply_batch(&id, &[(6, d(6))]).await,
+        StoreError::Internal(_)
+    );
+    assert_err!(
+        s.apply_batch(&id, &[(5, d(5)), (7, d(7))]).await,
+        StoreError::Internal(_)
+    );
+    assert_eq!(observe(s, "t").await, before);
+    assert_eq!(s.apply_batch(&id, &[]).await.unwrap(), 4);
+    // Direct appends and folds share one position space.
+    assert_eq!(
+        s.append(&id, &d(5), Expect::Exact(4), None)
+            .await
+            .unwrap()
+            .version,
+        5
+    );
+    assert_eq!(
+        s.apply_batch(&id, &[(5, d(5)), (6, d(6))]).await.unwrap(),
+        6
+    );
+    let got = s.get(&id).await.unwrap();
+    assert_eq!((got.version, got.watermark), (6, 6));
+    assert_eq!(got.thread.messages.len(), 5);
+    // A deleted thread never comes back from a late fold.
+    s.delete(&id, Expect::Any).await.unwrap();
+    assert_err!(s.apply_batch(&id, &[(7, d(7))]).await, StoreError::NotFound);
+    assert_err!(s.get(&id).await, StoreError::NotFound);
+}
+
+async fn replace(s: &DynStore) {
+    let id = tid("t");
+    let mut t = Thread::new("t");
+    t.messages.extend([user("a", "A"), user("b", "B")]);
+    t.resource_id = Some("res".into());
+    s.create(&id, t).await.unwrap();
+    let created_at = s.get(&id).await.unwrap().created_at;
+    let new: Thread = from(json!({
+        "id": "t", "resource_id": "res2",
+        "messages": [{"id": "b", "role": "user", "content": "B2"}, {"role": "tool", "content": "T"},
+                     {"id": "c", "role": "user", "content": "C"}],
+        "state": {"s": 1}, "patches": [set(json!(["p"]), json!(true))],
+        "metadata": {"k": "v", "version": 42, "updated_at": 0}
+    }));
+    assert_eq!(
+        s.replace(&id, new.clone(), Expect::Exact(0)).await.unwrap(),
+        1
+    );
+    let got = s.get(&id).await.unwrap();
+    assert_eq!(
+        (got.version, got.watermark, got.created_at),
+        (1, 1, created_at)
+    );
+    assert_eq!(contents(&got.thread.messages), ["B2", "T", "C"]);
+    assert_eq!(got.thread.resource_id.as_deref(), Some("res2"));
+    assert_eq!(got.thread.metadata, meta(json!({"k": "v"})));
+    assert_eq!(got.to_wire().metadata["version"], json!(1));
+    assert_eq!(s.state(&id).await.unwrap(), (json!({"s": 1, "p": true}), 1));
+    assert_eq!(
+        all_messages(s, "t")
+            .await
+            .iter()
+            .map(|m| m.0)
+            .collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
+    assert_err!(
+        s.replace(&id, new.clone(), Expect::Exact(0)).await,
+        StoreError::VersionConflict { .. }
+    );
+    // After a replace, message ids dedup against the new list only.
+    s.append(
+        &id,
+        &delta("r", vec![user("a", "A again"), user("c", "no")]),
+        Expect::Any,
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        contents(&s.get(&id).await.unwrap().thread.messages),
+        ["B2", "T", "C", "A again"]
+    );
+    // An invalid thread changes nothing.
+    let before = observe(s, "t").await;
+    let bad: Thread = from(json!({"id": "t", "messages": [
+        {"id": "x", "role": "user", "content": "1"}, {"id": "x", "role": "user", "content": "2"}]}));
+    assert_err!(
+        s.replace(&id, bad, Expect::Any).await,
+        StoreError::InvalidThread { .. }
+    );
+    assert_eq!(observe(s, "t").await, before);
+    assert_err!(
+        s.replace(&tid("missing"), new, Expect::Any).await,
+        StoreError::NotFound
+    );
+    let list = s
+        .list(&ListQuery {
+            resource_id: Some("res2".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(list.threads.len(), 1);
+}
+
+async fn patch_metadata(s: &DynStore) {
+    let id = tid("t");
+    let t: Thread = from(json!({"id": "t", "metadata": {"a": 1, "b": 2, "nested": {"x": 1}}}));
+    s.create(&id, t).await.unwrap();
+    let created = s.get(&id).await.unwrap();
+    let patch = meta(
+        json!({"b": null, "c": 3, "nested": {"y": 2}, "version": 77, "created_at": 5,
+                            "updated_at": 6, "version_timestamp": 7, "gone": null}),
+    );
+    assert_eq!(
+        s.patch_metadata(&id, patch, Expect::Exact(0))
+            .await
+            .unwrap(),
+        1
+    );
+    let got = s.get(&id).await.unwrap();
+    assert_eq!(
+        got.thread.metadata,
+        meta(json!({"a": 1, "c": 3, "nested": {"y": 2}}))
+    );
+    assert_eq!(
+        (got.version, got.watermark, got.created_at),
+        (1, 1, created.created_at)
+    );
+    let wire = got.to_wire();
+    assert_eq!(wire.metadata["version"], json!(1));
+    assert_eq!(wire.metadata["created_at"], json!(created.created_at));
+    assert_err!(
+        s.patch_metadata(&tid("missing"), meta(json!({})), Expect::Any)
+            .await,
+        StoreError::NotFound
+    );
+}
+
+async fn delete(s: &DynStore) {
+    create_empty(s, "t").await;
+    create_empty(s, "keep").await;
+    let id = tid("t");
+    s.append(
+        &id,
+        &delta("r", vec![anon("x")]),
+        Expect::Any,
+        Some(&key("k", "f")),
+    )
+    .await
+    .unwrap();
+    assert_err!(
+        s.delete(&id, Expect::Exact(0)).await,
+        StoreError::VersionConflict { .. }
+    );
+    s.delete(&id, Expect::Exact(1)).await.unwrap();
+    assert_err!(s.get(&id).await, StoreError::NotFound);
+    assert_err!(s.version(&id).await, StoreError::NotFound);
+    assert_err!(s.state(&id).await, StoreError::NotFound);
+    assert_err!(
+        s.messages(
+            &id,
+            &MessageQuery {
+                limit: 5,
+                ..Default::default()
+            }
+        )
+        .await,
+        StoreError::NotFound
+    );
+    assert_err!(s.history(&id, 0, 5).await, StoreError::NotFound);
+    assert_err!(s.runs(&id).await, StoreError::NotFound);
+    assert_err!(
+        s.append(&id, &delta("r", vec![]), Expect::Any, None).await,
+        StoreError::NotFound
+    );
+    assert_err!(s.delete(&id, Expect::Any).await, StoreError::NotFound);
+    let list = s
+        .list(&ListQuery {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        list.threads
+            .iter()
+            .map(|t| t.id.as_str())
+            .collect::<Vec<_>>(),
+        ["keep"]
+    );
+    // The id can be used again, for a brand-new thread with nothing of the old one.
+    create_empty(s, "t").await;
+    let got = s.get(&id).await.unwrap();
+    assert_eq!((got.version, got.thread.messages.len()), (0, 0));
+    assert!(s.history(&id, 0, 10).await.unwrap().entries.is_empty());
+    let a = s
+        .append(
+            &id,
+            &delta("r", vec![anon("y")]),
+            Expect::Any,
+            Some(&key("k", "f")),
+        )
+        .await
+        .unwrap();
+    assert_eq!((a.version, a.replayed), (1, false));
+}
+
+async fn messages_paging(s: &DynStore) {
+    let id = tid("t");
+    let mut t = Thread::new("t");
+    for n in 0..10 {
+        let mut m = json!({
+            "id": format!("m{n}"), "role": "user", "content": format!("c{n}"),
+            "metadata": {"run_id": if n % 2 == 0 { "ra" } else { "rb" }}
+        });
+        if n == 3 || n == 6 {
+            m["visibility"] = json!("internal");
+        }
+        t.messages.push(from(m));
+    }
+    s.create(&id, t).await.unwrap();
+    s.append(&id, &delta("r", vec![]), Expect::Any, None)
+        .await
+        .unwrap();
+    let q = |f: &dyn Fn(&mut MessageQuery)| {
+        let mut q = MessageQuery {
+            limit: 50,
+            ..Default::default()
+        };
+        f(&mut q);
+        q
+    };
+    let page = |q: MessageQuery| {
+        let s = s.clone();
+        async move {
+            let p = s.messages(&tid("t"), &q).await.unwrap();
+            assert_eq!(p.version, 1);
+            for (c, m) in &p.messages {
+                assert_eq!(m.content, format!("c{c}"));
+            }
+            (
+                p.messages.iter().map(|m| m.0).collect::<Vec<_>>(),
+                p.has_more,
+            )
+        }
+    };
+    assert_eq!(page(q(&|q| q.limit = 4)).await, (vec![0, 1, 2, 4], true));
+    assert_eq!(
+        page(q(&|q| q.after = Some(4))).await,
+        (vec![5, 7, 8, 9], false)
+    );
+    assert_eq!(
+        page(q(&|q| {
+            q.after = Some(4);
+            q.limit = 4
+        }))
+        .await,
+        (vec![5, 7, 8, 9], false)
+    );
+    assert_eq!(
+        page(q(&|q| {
+            q.after = Some(4);
+            q.limit = 3
+        }))
+        .await,
+        (vec![5, 7, 8], true)
+    );
+    assert_eq!(
+        page(q(&|q| {
+            q.before = Some(5);
+            q.order = Order::Desc;
+            q.limit = 2
+        }))
+        .await,
+        (vec![4, 2], true)
+    );
+    assert_eq!(
+        page(q(&|q| q.order = Order::Desc)).await,
+        (vec![9, 8, 7, 5, 4, 2, 1, 0], false)
+    );
+    assert_eq!(
+        page(q(&|q| q.visibility = VisibilityFilter::Internal)).await,
+        (vec![3, 6], false)
+    );
+    assert_eq!(
+        page(q(&|q| q.visibility = VisibilityFilter::Any)).await,
+        ((0..10).collect(), false)
+    );
+    assert_eq!(
+        page(q(&|q| q.run_id = Some("ra".into()))).await,
+        (vec![0, 2, 4, 8], false)
+    );
+    assert_eq!(
+        page(q(&|q| {
+            q.run_id = Some("ra".into());
+            q.visibility = VisibilityFilter::Any
+        }))
+        .await,
+        (vec![0, 2, 4, 6, 8], false)
+    );
+    assert_eq!(
+        page(q(&|q| {
+            q.run_id = Some("rb".into());
+            q.order = Order::Desc;
+            q.limit = 2
+        }))
+        .await,
+        (vec![9, 7], true)
+    );
+    assert_eq!(
+        page(q(&|q| q.run_id = Some("zz".into()))).await,
+        (vec![], false)
+    );
+    assert_eq!(
+        page(q(&|q| {
+            q.after = Some(2);
+            q.before = Some(6);
+            q.visibility = VisibilityFilter::Any
+        }))
+        .await,
+        (vec![3, 4, 5], false)
+    );
+    assert_eq!(page(q(&|q| { q.after = Some(9) })).await, (vec![], false));
+    assert_eq!(page(q(&|q| { q.before = Some(0) })).await, (vec![], false));
+    assert_eq!(
+        page(q(&|q| { q.after = Some(u64::MAX) })).await,
+        (vec![], false)
+    );
+    assert_eq!(
+        page(q(&|q| {
+            q.before = Some(u64::MAX);
+            q.limit = 1
+        }))
+        .await,
+        (vec![0], true)
+    );
+    // Cursors of appended messages continue the sequence.
+    s.append(&id, &delta("r", vec![anon("c10")]), Expect::Any, None)
+        .await
+        .unwrap();
+    let p = s.messages(&id, &q(&|q| q.after = Some(8))).await.unwrap();
+    assert_eq!(p.messages.iter().map(|m| m.0).collect::<Vec<_>>(), [9, 10]);
+    assert_eq!(p.version, 2);
+    assert_err!(
+        s.messages(&tid("missing"), &q(&|_| {})).await,
+        StoreError::NotFound
+    );
+}
+
+async fn list(s: &DynStore) {
+    let mk = |id: &str, res: Option<&str>, parent: Option<&str>, n: usize| {
+        let mut t = Thread::new(id);
+        t.resource_id = res.map(Into::into);
+        t.parent_thread_id = parent.map(Into::into);
+        t.metadata = meta(json!({"name": id}));
+        t.messages = (0..n).map(|i| anon(&i.to_string())).collect();
+        t
+    };
+    for (id, res, parent, n) in [
+        ("t1", Some("A"), None, 1),
+        ("t2", Some("B"), None, 0),
+        ("t3", Some("A"), Some("t1"), 2),
+        ("t4", Some("A"), None, 0),
+        ("t5", None, Some("t1"), 3),
+    ] {
+        s.create(&tid(id), mk(id, res, parent, n)).await.unwrap();
+    }
+    s.append(
+        &tid("t3"),
+        &delta("r", vec![anon("more")]),
+        Expect::Any,
+        None,
+    )
+    .await
+    .unwrap();
+    let ids = |p: &threadgate::store::ListPage| {
+        p.threads.iter().map(|t| t.id.clone()).collect::<Vec<_>>()
+    };
+    let lq = |res: Option<&str>, parent: Option<&str>, after: Option<&str>, limit| ListQuery {
+        resource_id: res.map(Into::into),
+        parent_thread_id: parent.map(Into::into),
+        after: after.map(tid),
+        limit,
+    };
+    let p = s.list(&lq(None, None, None, 2)).await.unwrap();
+    assert_eq!(
+        (ids(&p), p.has_more),
+        (vec!["t1".to_owned(), "t2".into()], true)
+    );
+    let p = s.list(&lq(None, None, Some("t2"), 2)).await.unwrap();
+    assert_eq!(
+        (ids(&p), p.has_more),
+        (vec!["t3".to_owned(), "t4".into()], true)
+    );
+    let p = s.list(&lq(None, None, Some("t4"), 2)).await.unwrap();
+    assert_eq!((ids(&p), p.has_more), (vec!["t5".to_owned()], false));
+    let p = s.list(&lq(None, None, None, 5)).await.unwrap();
+    assert_eq!((ids(&p).len(), p.has_more), (5, false));
+    let p = s.list(&lq(Some("A"), None, None, 2)).await.unwrap();
+    assert_eq!(
+        (ids(&p), p.has_more),
+        (vec!["t1".to_owned(), "t3".into()], true)
+    );
+    let p = s.list(&lq(Some("A"), None, Some("t3"), 2)).await.unwrap();
+    assert_eq!((ids(&p), p.has_more), (vec!["t4".to_owned()], false));
+    let p = s.list(&lq(None, Some("t1"), None, 10)).await.unwrap();
+    assert_eq!(
+        (ids(&p), p.has_more),
+        (vec!["t3".to_owned(), "t5".into()], false)
+    );
+    let p = s.list(&lq(Some("A"), Some("t1"), None, 10)).await.unwrap();
+    assert_eq!(ids(&p), ["t3"]);
+    let t3 = &p.threads[0];
+    assert_eq!(t3.resource_id.as_deref(), Some("A"));
+    assert_eq!(t3.parent_thread_id.as_deref(), Some("t1"));
+    assert_eq!((t3.version, t3.message_count), (1, 3));
+    assert_eq!(t3.metadata, meta(json!({"name": "t3"})));
+    assert!(t3.updated_at >= t3.created_at && t3.created_at > 0);
+    let p = s.list(&lq(Some("nobody"), None, None, 10)).await.unwrap();
+    assert_eq!((ids(&p).len(), p.has_more), (0, false));
+    // Byte-wise id order, whatever the database's collation.
+    let odd = ["B_2", "a.1", "A-1", "_z", "a*b", "x>y", "Z~", "a~"];
+    for id in odd {
+        create_empty(s, id).await;
+    }
+    let mut want: Vec<String> = odd.iter().map(|s| s.to_string()).collect();
+    want.extend(["t1", "t2", "t3", "t4", "t5"].map(String::from));
+    want.sort();
+    let mut got = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let p = s.list(&lq(None, None, after.as_deref(), 3)).await.unwrap();
+        got.extend(ids(&p));
+        after = got.last().cloned();
+        if !p.has_more {
+            break;
+        }
+    }
+    assert_eq!(got, want);
+}
+
+async fn tricky_ids(s: &DynStore) {
+    let ids = ["user.42", "a*b", "x>y", "user_42", "a.b", "x-y"];
+    for id in ids {
+        let mut t = Thread::new(id);
+        t.metadata = meta(json!({"owner": id}));
+        s.create(&tid(id), t).await.unwrap();
+        let d = delta("r", vec![user("m", &format!("for {id}"))]);
+        assert_eq!(
+            s.append(&tid(id), &d, Expect::Any, Some(&key("k", id)))
+                .await
+                .unwrap()
+                .version,
+            1
+        );
+    }
+    for id in ids {
+        let got = s.get(&tid(id)).await.unwrap();
+        assert_eq!(got.thread.id, id);
+        assert_eq!(contents(&got.thread.messages), [format!("for {id}")]);
+        assert_eq!(got.thread.metadata, meta(json!({"owner": id})));
+        assert_eq!(s.history(&tid(id), 0, 10).await.unwrap().entries.len(), 1);
+    }
+    s.delete(&tid("a*b"), Expect::Any).await.unwrap();
+    s.append(
+        &tid("user.42"),
+        &delta("r", vec![anon("more")]),
+        Expect::Any,
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        s.get(&tid("user_42")).await.unwrap().thread.messages.len(),
+        1
+    );
+    assert_eq!(s.get(&tid("a.b")).await.unwrap().version, 1);
+    assert_err!(s.get(&tid("a*b")).await, StoreError::NotFound);
+    let p = s
+        .list(&ListQuery {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut want: Vec<&str> = ids.iter().copied().filter(|i| *i != "a*b").collect();
+    want.sort();
+    assert_eq!(
+        p.threads.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
+        want
+    );
+}
+
+async fn nul_and_floats(s: &DynStore) {
+    let id = tid("t");
+    // Built from JSON text so the numbers are exactly what a client sends.
+    let thread_text = r#"{
+        "id": "t", "resource_id": "res\u00001", "parent_thread_id": "p\u0000",
+        "messages": [{"id": "m\u00001", "role": "user", "content": "a\u0000b",
+                      "metadata": {"run_id": "r\u0000", "x": 1e+16}}],
+        "state": {"big": 1e+16, "tenth": 0.1, "int": 10000000000000000, "neg": -0.0,
+                  "tiny": 5e-324, "third": 0.3333333333333333, "s": "\u0000"},
+        "patches": [{"patch": {"ops": [{"op": "set", "path": ["f\u0000"], "value": 1.5e300}]}}],
+        "metadata": {"k\u0000": "v\u0000", "f": 1e+16, "g": 0.1, "whole": 7.0}
+    }"#;
+    let thread: Thread = serde_json::from_str(thread_text).unwrap();
+    s.create(&id, thread.clone()).await.unwrap();
+    let d: ChangeSet = serde_json::from_str(
+        r#"{"run_id": "r\u0000", "reason": "UserMessage", "patches": [
+              {"patch": {"ops": [{"op": "set", "path": ["g"], "value": 2.5e-8}]}}],
+            "messages": [{"id": "m\u00001", "role": "user", "content": "dup"},
+                         {"id": "m\u00002", "role": "user", "content": "\u0000",
+                          "metadata": {"run_id": "r\u0000"}}],
+            "run_meta": {"agent_id": "a\u0000", "origin": "user", "status": "running"}}"#,
+    )
+    .unwrap();
+    let k = key("key\u{0}", "fp");
+    s.append(&id, &d, Expect::Any, Some(&k)).await.unwrap();
+    assert!(
+        s.append(&id, &d, Expect::Any, Some(&k))
+            .await
+            .unwrap()
+            .replayed
+    );
+    s.patch_metadata(
+        &id,
+        meta(serde_json::from_str(r#"{"h": 1e-7, "k\u0000": "w\u0000"}"#).unwrap()),
+        Expect::Any,
+    )
+    .await
+    .unwrap();
+
+    let got = s.get(&id).await.unwrap();
+    let mut want = thread.clone();
+    want.messages.push(d.messages[1].clone());
+    want.patches.extend(d.patches.iter().cloned());
+    want.metadata
+        .insert("h".into(), serde_json::from_str("1e-7").unwrap());
+    want.metadata.insert("k\u{0}".into(), json!("w\u{0}"));
+    assert_eq!(text(&got.thread), text(&want));
+    assert!(
+        text(&got.thread.state).contains("1e16"),
+        "{}",
+        text(&got.thread.state)
+    );
+    assert!(text(&got.thread.state).contains("10000000000000000"));
+    assert!(text(&got.thread.metadata).contains("7.0"));
+    let (state, _) = s.state(&id).await.unwrap();
+    let mut want_state = thread.state.clone();
+    want_state["f\u{0}"] = serde_json::from_str("1.5e300").unwrap();
+    want_state["g"] = serde_json::from_str("2.5e-8").unwrap();
+    assert_eq!(text(&state), text(&want_state));
+
+    let q = MessageQuery {
+        limit: 10,
+        run_id: Some("r\u{0}".into()),
+        ..Default::default()
+    };
+    let p = s.messages(&id, &q).await.unwrap();
+    assert_eq!(p.messages.iter().map(|m| m.0).collect::<Vec<_>>(), [0, 1]);
+    assert_eq!(text(&p.messages[0].1), text(&thread.messages[0]));
+    let run = s.run(&id, "r\u{0}").await.unwrap();
+    assert_eq!(run.meta.agent_id, "a\u{0}");
+    let h = s.history(&id, 0, 10).await.unwrap();
+    match &h.entries[0].change {
+        Change::Delta(hd) => assert_eq!(text(hd), text(&d)),
+        other => panic!("expected delta, got {other:?}"),
+    }
+    let l = s
+        .list(&ListQuery {
+            resource_id: Some("res\u{0}1".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(l.threads.len(), 1);
+    assert_eq!(l.threads[0].parent_thread_id.as_deref(), Some("p\u{0}"));
+    let l = s
+        .list(&ListQuery {
+            resource_id: Some("res".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(l.threads.is_empty());
+}
+
+async fn unknown_fields_survive(s: &DynStore) {
+    let id = tid("t");
+    let m1 = json!({"id": "m1", "role": "assistant", "content": "c", "future": {"x": [1, 2.5]},
+                    "tool_calls": [], "metadata": {}, "name": "n"});
+    let m2 = json!({"role": "assistant", "content": "", "tool_calls": [
+                        {"id": "call1", "name": "f", "arguments": {"q": 1e+16}}],
+                    "metadata": {"run_id": "r", "step_index": 3, "trace": "abc"}, "extra": null});
+    let mut t = Thread::new("t");
+    t.messages.push(from(m1.clone()));
+    s.create(&id, t).await.unwrap();
+    let d: ChangeSet = from(json!({
+        "run_id": "r", "reason": "ToolResultsCommitted", "messages": [m2.clone()], "patches": [],
+        "actions": [{"state_type_name": "S", "base_path": "b", "scope": "run",
+                     "call_id_override": null, "payload": {"p": 1}}],
+        "delta_extension": {"v": 2}
+    }));
+    s.append(&id, &d, Expect::Any, None).await.unwrap();
+    let got = s.get(&id).await.unwrap();
+    let got: Vec<Value> = got
+        .thread
+        .messages
+        .iter()
+        .map(|m| serde_json::to_value(m).unwrap())
+        .collect();
+    assert_eq!(got, [m1.clone(), m2.clone()]);
+    let page = all_messages(s, "t").await;
+    assert_eq!(serde_json::to_value(&page[1].1).unwrap(), m2);
+    let h = s.history(&id, 0, 10).await.unwrap();
+    match &h.entries[0].change {
+        Change::Delta(hd) => {
+            let v = serde_json::to_value(hd).unwrap();
+            assert_eq!(v["delta_extension"], json!({"v": 2}));
+            assert_eq!(v["actions"][0]["payload"], json!({"p": 1}));
+        }
+        other => panic!("expected delta, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Instantiation: one test per backend per case
+// ---------------------------------------------------------------------------------------
+
+macro_rules! backend {
+    ($backend:ident; $($case:ident),* $(,)?) => {
+        mod $backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    let b = super::$backend().await;
+                    super::$case(&b.store).await;
+                }
+            )*
+        }
+    };
+}
+
+macro_rules! suite {
+    ($($case:ident),* $(,)?) => {
+        backend!(memory; $($case),*);
+        backend!(file; $($case),*);
+        backend!(postgres; $($case),*);
+    };
+}
+
+suite!(
+    create_get_round_trip,
+    create_rejects_invalid_thread,
+    duplicate_create,
+    concurrent_creates,
+    append_versions,
+    exact_conflict,
+    concurrent_appends_any,
+    concurrent_appends_exact,
+    message_dedup,
+    invalid_delta_changes_nothing,
+    snapshot_clears_patches,
+    idempotency,
+    runs,
+    history_after,
+    history_bounded,
+    apply_batch,
+    replace,
+    patch_metadata,
+    delete,
+    messages_paging,
+    list,
+    tricky_ids,
+    nul_and_floats,
+    unknown_fields_survive,
+);
