@@ -175,3 +175,44 @@ macro_rules! each_backend {
         )*
     };
 }
+
+/// The real `threadgate` binary, started as a user would.
+pub struct Process {
+    pub child: tokio::process::Child,
+    pub addr: std::net::SocketAddr,
+}
+
+impl Process {
+    /// Starts the binary with `args` (plus a free port and JSON logs) and waits until it
+    /// listens. Its log keeps draining in the background so it never blocks on a full pipe.
+    pub async fn spawn(args: &[&str]) -> Process {
+        use tokio::io::{AsyncBufReadExt, BufReader};
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_threadgate"))
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("threadgate binary starts");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let addr = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await.expect("read log") {
+                let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
+                if v["fields"]["message"] == "threadgate listening" {
+                    return v["fields"]["addr"].as_str().unwrap().parse().unwrap();
+                }
+            }
+            panic!("threadgate exited before listening");
+        })
+        .await
+        .expect("threadgate listens within 30 s");
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Process { child, addr }
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}

@@ -1322,7 +1322,7 @@ async fn nul_and_floats(s: &DynStore) {
     want.metadata.insert("k\u{0}".into(), json!("w\u{0}"));
     assert_eq!(text(&got.thread), text(&want));
     assert!(
-        text(&got.thread.state).contains("1e16"),
+        text(&got.thread.state).contains("1e+16"),
         "{}",
         text(&got.thread.state)
     );
