@@ -2,7 +2,10 @@
 //! HTTP. Behaviour suites run against every backend.
 
 mod cookbook;
+mod file_store;
 mod harness;
 mod http_api;
+mod outage;
 mod pg;
+mod proxy;
 mod store_conformance;
