@@ -279,13 +279,13 @@ pub async fn replace(
     IfMatch(expect): IfMatch,
     JsonBody { value: body, .. }: JsonBody<ReplaceThread>,
 ) -> Result<Response, ApiError> {
-    if let Some(raw) = &body.id {
-        if body_id(raw)? != id {
-            return Err(ApiError::InvalidField {
-                field: "id".into(),
-                message: "does not match the id in the path".into(),
-            });
-        }
+    if let Some(raw) = &body.id
+        && body_id(raw)? != id
+    {
+        return Err(ApiError::InvalidField {
+            field: "id".into(),
+            message: "does not match the id in the path".into(),
+        });
     }
     let thread = Thread {
         id: id.to_string(),

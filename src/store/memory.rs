@@ -166,7 +166,7 @@ impl<P: Persist> Store for Records<P> {
     async fn list(&self, q: &ListQuery) -> Result<ListPage> {
         let slots: Vec<Slot> = {
             let map = self.map.read().map_err(|_| poisoned())?;
-            let range = match &q.after {
+            match &q.after {
                 Some(after) => map
                     .range((
                         std::ops::Bound::Excluded(after.clone()),
@@ -175,8 +175,7 @@ impl<P: Persist> Store for Records<P> {
                     .map(|(_, s)| s.clone())
                     .collect(),
                 None => map.values().cloned().collect(),
-            };
-            range
+            }
         };
         let mut threads = Vec::new();
         for slot in slots {
@@ -258,7 +257,12 @@ impl<P: Persist> Store for Records<P> {
     }
 
     async fn runs(&self, id: &ThreadId) -> Result<Vec<RunRecord>> {
-        self.read(id, |r| Ok(r.runs.clone())).await
+        self.read(id, |r| {
+            let mut runs = r.runs.clone();
+            runs.sort_by(|a, b| (a.created_at, &a.run_id).cmp(&(b.created_at, &b.run_id)));
+            Ok(runs)
+        })
+        .await
     }
 
     async fn run(&self, id: &ThreadId, run_id: &str) -> Result<RunRecord> {

@@ -337,13 +337,13 @@ pub fn prepare_thread(id: &ThreadId, thread: &mut Thread) -> Result<Value> {
     strip_server_metadata(&mut thread.metadata);
     let mut seen = std::collections::HashSet::new();
     for (i, m) in thread.messages.iter().enumerate() {
-        if let Some(mid) = &m.id {
-            if !seen.insert(mid.as_str()) {
-                return Err(StoreError::InvalidThread {
-                    field: format!("messages[{i}].id"),
-                    message: format!("duplicate message id {mid:?}"),
-                });
-            }
+        if let Some(mid) = &m.id
+            && !seen.insert(mid.as_str())
+        {
+            return Err(StoreError::InvalidThread {
+                field: format!("messages[{i}].id"),
+                message: format!("duplicate message id {mid:?}"),
+            });
         }
     }
     crate::model::rebuild_state(&thread.state, &thread.patches).map_err(|(p, o, e)| {

@@ -107,16 +107,16 @@ impl Record {
         idempotency: Option<&IdempotencyKey>,
         now: i64,
     ) -> Result<Appended> {
-        if let Some(key) = idempotency {
-            if let Some((seen, version)) = self.idempotency.iter().find(|(k, _)| k.key == key.key) {
-                if seen.fingerprint != key.fingerprint {
-                    return Err(StoreError::IdempotencyKeyReused);
-                }
-                return Ok(Appended {
-                    version: *version,
-                    replayed: true,
-                });
+        if let Some(key) = idempotency
+            && let Some((seen, version)) = self.idempotency.iter().find(|(k, _)| k.key == key.key)
+        {
+            if seen.fingerprint != key.fingerprint {
+                return Err(StoreError::IdempotencyKeyReused);
             }
+            return Ok(Appended {
+                version: *version,
+                replayed: true,
+            });
         }
         expect.check(self.version)?;
         let version = self.apply(delta, now)?;
@@ -199,10 +199,11 @@ impl Record {
     }
 
     pub fn replace(&mut self, mut thread: Thread, expect: Expect, now: i64) -> Result<u64> {
-        expect.check(self.version)?;
         let id =
             ThreadId::parse(&self.thread.id).map_err(|e| StoreError::Internal(e.to_string()))?;
-        self.current_state = super::prepare_thread(&id, &mut thread)?;
+        let state = super::prepare_thread(&id, &mut thread)?;
+        expect.check(self.version)?;
+        self.current_state = state;
         self.thread = thread.clone();
         self.rebuild_ids();
         Ok(self.bump(Change::Replace(thread), now))

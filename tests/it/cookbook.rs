@@ -83,3 +83,27 @@ async fn readme_cookbook_runs_against_the_binary() {
         }
     }
 }
+
+/// SIGTERM stops the binary cleanly (exit status 0), and the file store keeps what it had.
+#[tokio::test]
+async fn sigterm_shuts_down_gracefully() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("file:{}", dir.path().display());
+    let mut gw = Process::spawn(&["--store", &store]).await;
+    let http = reqwest::Client::new();
+    let res = http
+        .post(format!("{}/v1/threads", gw.base()))
+        .json(&serde_json::json!({"id": "kept"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    gw.terminate().await;
+    let again = Process::spawn(&["--store", &store]).await;
+    let res = http
+        .get(format!("{}/v1/threads/kept", again.base()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+}

@@ -215,4 +215,19 @@ impl Process {
     pub fn base(&self) -> String {
         format!("http://{}", self.addr)
     }
+
+    /// Sends SIGTERM and asserts a clean exit within 10 s.
+    pub async fn terminate(&mut self) {
+        let pid = self.child.id().expect("still running");
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let status = tokio::time::timeout(std::time::Duration::from_secs(10), self.child.wait())
+            .await
+            .expect("exits within 10 s of SIGTERM")
+            .unwrap();
+        assert!(status.success(), "clean exit after SIGTERM: {status}");
+    }
 }
