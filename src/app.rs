@@ -1,7 +1,15 @@
 //! Wiring: open the backend chosen by the configuration, bind, serve, and shut down
 //! gracefully when the shutdown token is cancelled (SIGTERM or ctrl-c in the binary).
 
+use crate::buffer::{Buffer, BufferConfig};
 use crate::config::{Config, LogFormat};
+use crate::writer::Writer;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long shutdown waits for the final fold; whatever is left is folded by the next
+/// start-up's recovery, so a slow store never blocks a restart for long.
+const SHUTDOWN_FOLD_TIMEOUT: Duration = Duration::from_secs(20);
 use crate::http::{AppState, router};
 use std::net::SocketAddr;
 use tokio::task::JoinHandle;
@@ -31,18 +39,55 @@ impl Running {
 /// Opens the store, binds the listener and starts serving in the background.
 pub async fn start(config: &Config) -> anyhow::Result<Running> {
     let store = crate::store::open(&config.store).await?;
+    let shutdown = CancellationToken::new();
+    let buffer = match &config.nats_url {
+        Some(url) => {
+            let cfg = BufferConfig {
+                url: url.clone(),
+                prefix: config.nats_prefix.clone(),
+                fold_idle: config.fold_idle,
+            };
+            let buffer = Buffer::connect(&cfg, store.clone()).await?;
+            // Recovery: fold whatever earlier processes left buffered, without delaying start-up.
+            let b = buffer.clone();
+            tokio::spawn(async move {
+                match b.fold_all().await {
+                    Ok(n) => {
+                        tracing::info!(threads = n, "start-up recovery folded buffered threads")
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "start-up recovery failed; the sweeper retries")
+                    }
+                }
+            });
+            tokio::spawn(buffer.clone().sweep(shutdown.clone()));
+            Some(buffer)
+        }
+        None => None,
+    };
+    let writer = Arc::new(Writer::new(store, buffer.clone()));
     let state = AppState {
-        store,
+        writer,
         max_body: config.max_body,
     };
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
-    let shutdown = CancellationToken::new();
     let token = shutdown.clone();
     let task = tokio::spawn(async move {
-        axum::serve(listener, router(state))
+        let served = axum::serve(listener, router(state))
             .with_graceful_shutdown(token.cancelled_owned())
-            .await
+            .await;
+        if let Some(b) = buffer {
+            // Leave nothing buffered that this process could have folded.
+            match tokio::time::timeout(SHUTDOWN_FOLD_TIMEOUT, b.fold_all()).await {
+                Ok(Ok(n)) => tracing::info!(threads = n, "folded buffered threads at shutdown"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "shutdown fold failed; recovery will fold")
+                }
+                Err(_) => tracing::warn!("shutdown fold timed out; recovery will fold"),
+            }
+        }
+        served
     });
     tracing::info!(%addr, store = %redact(&config.store), "threadgate listening");
     Ok(Running {

@@ -24,6 +24,20 @@ pub struct Config {
     #[arg(long, env = "THREADGATE_MAX_BODY", default_value = "4MiB", value_parser = parse_size)]
     pub max_body: usize,
 
+    /// NATS server URL. When set, writes are buffered in JetStream and folded into the store
+    /// at run end, on flush, when idle, at start-up and at shutdown (buffered mode).
+    #[arg(long, env = "THREADGATE_NATS_URL")]
+    pub nats_url: Option<String>,
+
+    /// Namespace for the JetStream streams and subjects (`[A-Za-z0-9_-]+`), so several
+    /// deployments or test runs can share one NATS.
+    #[arg(long, env = "THREADGATE_NATS_PREFIX", default_value = "threadgate")]
+    pub nats_prefix: String,
+
+    /// Buffered threads with no new entry for this long are folded into the store.
+    #[arg(long, env = "THREADGATE_FOLD_IDLE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub fold_idle: std::time::Duration,
+
     /// Log line format.
     #[arg(long, env = "THREADGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

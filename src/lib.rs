@@ -4,8 +4,10 @@
 //! lives here so tests can start the whole gateway in-process on port 0.
 
 pub mod app;
+pub mod buffer;
 pub mod config;
 pub mod http;
 pub mod id;
 pub mod model;
 pub mod store;
+pub mod writer;

@@ -45,6 +45,8 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("{0} is unavailable; retry later")]
     Unavailable(&'static str),
+    #[error("{0}")]
+    FoldBlocked(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -85,7 +87,7 @@ impl ApiError {
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            FoldBlocked(_) | Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -107,6 +109,7 @@ impl ApiError {
             UnsupportedMediaType => "unsupported_media_type",
             MethodNotAllowed => "method_not_allowed",
             Unavailable(_) => "unavailable",
+            FoldBlocked(_) => "fold_blocked",
             Internal(_) => "internal",
         }
     }
@@ -151,10 +154,13 @@ impl From<StoreError> for ApiError {
                 expected,
                 current: actual,
             },
-            StoreError::InvalidDelta(d) => ApiError::InvalidPatch {
-                field: d.field(),
-                message: d.to_string(),
-            },
+            StoreError::InvalidDelta(d) => {
+                let crate::model::DeltaError::Patch { error, .. } = &d;
+                ApiError::InvalidPatch {
+                    field: d.field(),
+                    message: error.to_string(),
+                }
+            }
             StoreError::InvalidThread { field, message } => {
                 ApiError::InvalidPatch { field, message }
             }

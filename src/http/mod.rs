@@ -7,19 +7,20 @@ pub mod error;
 pub mod extract;
 pub mod threads;
 
-use crate::store::DynStore;
+use crate::writer::Writer;
 use axum::Router;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use error::ApiError;
 use serde::Serialize;
+use std::sync::Arc;
 use tower_http::trace::TraceLayer;
 use utoipa::{OpenApi, ToSchema};
 
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
-    pub store: DynStore,
+    pub writer: Arc<Writer>,
     /// Largest accepted request body, in bytes.
     pub max_body: usize,
 }
@@ -30,7 +31,7 @@ pub struct AppState {
     paths(
         threads::create, threads::list, threads::get, threads::replace, threads::patch_metadata,
         threads::delete, threads::append, threads::messages, threads::state, threads::runs,
-        threads::run, healthz, readyz
+        threads::run, threads::flush, healthz, readyz
     ),
     components(schemas(error::Problem, Health)),
     tags((name = "threads"), (name = "runs"), (name = "ops"))
@@ -58,6 +59,7 @@ pub fn router(state: AppState) -> Router {
                 .delete(threads::delete),
         )
         .route("/v1/threads/{id}/deltas", post(threads::append))
+        .route("/v1/threads/{id}/flush", post(threads::flush))
         .route("/v1/threads/{id}/messages", get(threads::messages))
         .route("/v1/threads/{id}/state", get(threads::state))
         .route("/v1/threads/{id}/runs", get(threads::runs))
@@ -88,7 +90,7 @@ async fn healthz() -> axum::Json<Health> {
 async fn readyz(
     axum::extract::State(app): axum::extract::State<AppState>,
 ) -> Result<axum::Json<Health>, ApiError> {
-    app.store.ping().await?;
+    app.writer.ready().await?;
     Ok(axum::Json(Health {
         status: "ready".into(),
     }))

@@ -3,9 +3,11 @@
 use super::AppState;
 use super::error::{ApiError, Problem};
 use super::extract::{IdempotencyHeader, IfMatch, IfNoneMatch, JsonBody, PathId, QueryParams};
+use crate::buffer::FoldReport;
 use crate::id::ThreadId;
 use crate::model::{ChangeSet, Extra, Message, Thread, TrackedPatch};
 use crate::store::{ListQuery, MessageQuery, Order, RunRecord, ThreadSummary, VisibilityFilter};
+use crate::writer::View;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -101,6 +103,28 @@ pub struct MessageParams {
     pub order: Option<Order>,
     pub visibility: Option<VisibilityFilter>,
     pub run_id: Option<String>,
+    /// `store` (default) or `live` (merges the buffered tail).
+    pub view: Option<View>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct ViewParams {
+    /// `store` (default): the folded snapshot; `live`: merges the buffered tail
+    /// (read-your-writes). Either way `version` says which version the answer reflects.
+    pub view: Option<View>,
+}
+
+/// The answer to an append.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AppendBody {
+    /// The version the delta produced.
+    pub version: u64,
+    /// Buffered mode, `RunFinished` only: whether the run was folded into the store before
+    /// this answer (if not, it stays durable in the log and is folded later).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flushed: Option<bool>,
 }
 
 /// A message with its stable cursor (its 0-based position in the thread).
@@ -195,7 +219,7 @@ pub async fn create(
         patches: body.patches.unwrap_or_default(),
         metadata: body.metadata.unwrap_or_default(),
     };
-    let snap = app.store.create(&id, thread).await?;
+    let snap = app.writer.create(&id, thread).await?;
     let view = ThreadView {
         version: snap.version,
         thread: snap.to_wire(),
@@ -234,7 +258,7 @@ pub async fn list(
         after,
         limit: limit(p.limit)?,
     };
-    let page = app.store.list(&q).await?;
+    let page = app.writer.list(&q).await?;
     let next_cursor = page
         .has_more
         .then(|| page.threads.last())
@@ -249,19 +273,21 @@ pub async fn list(
 }
 
 #[utoipa::path(get, path = "/v1/threads/{id}", tag = "threads",
-    params(("id" = String, Path, description = "Thread id"), ("If-None-Match" = Option<String>, Header)),
+    params(("id" = String, Path, description = "Thread id"), ViewParams, ("If-None-Match" = Option<String>, Header)),
     responses((status = 200, body = ThreadView, headers(("ETag" = String))), (status = 304, description = "Not modified"),
         (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub async fn get(
     State(app): State<AppState>,
     PathId(id): PathId,
+    QueryParams(p): QueryParams<ViewParams>,
     inm: IfNoneMatch,
 ) -> Result<Response, ApiError> {
-    let current = app.store.version(&id).await?;
+    let view = p.view.unwrap_or_default();
+    let current = app.writer.version(&id, view).await?;
     if inm.matches(current) {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag(current))]).into_response());
     }
-    let snap = app.store.get(&id).await?;
+    let snap = app.writer.get(&id, view).await?;
     let view = ThreadView {
         version: snap.version,
         thread: snap.to_wire(),
@@ -296,7 +322,7 @@ pub async fn replace(
         patches: body.patches,
         metadata: body.metadata,
     };
-    let version = app.store.replace(&id, thread, expect).await?;
+    let version = app.writer.replace(&id, thread, expect).await?;
     Ok(with_etag(version, Json(VersionBody { version })))
 }
 
@@ -311,7 +337,7 @@ pub async fn patch_metadata(
     IfMatch(expect): IfMatch,
     JsonBody { value: patch, .. }: JsonBody<Extra>,
 ) -> Result<Response, ApiError> {
-    let version = app.store.patch_metadata(&id, patch, expect).await?;
+    let version = app.writer.patch_metadata(&id, patch, expect).await?;
     Ok(with_etag(version, Json(VersionBody { version })))
 }
 
@@ -324,14 +350,14 @@ pub async fn delete(
     PathId(id): PathId,
     IfMatch(expect): IfMatch,
 ) -> Result<StatusCode, ApiError> {
-    app.store.delete(&id, expect).await?;
+    app.writer.delete(&id, expect).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 #[utoipa::path(post, path = "/v1/threads/{id}/deltas", tag = "threads", request_body = ChangeSet,
     params(("id" = String, Path), ("If-Match" = Option<String>, Header, description = "Expected current version"),
         ("Idempotency-Key" = Option<String>, Header, description = "A retry with the same key appends nothing and answers the first result")),
-    responses((status = 200, body = VersionBody, headers(("ETag" = String), ("Idempotent-Replayed" = String))),
+    responses((status = 200, body = AppendBody, headers(("ETag" = String), ("Idempotent-Replayed" = String))),
         (status = 400, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 412, body = Problem, content_type = "application/problem+json"),
@@ -348,14 +374,13 @@ pub async fn append(
     }: JsonBody<ChangeSet>,
 ) -> Result<Response, ApiError> {
     let key = idem.with_body(&bytes);
-    let out = app.store.append(&id, &delta, expect, key.as_ref()).await?;
-    let mut res = with_etag(
-        out.version,
-        Json(VersionBody {
-            version: out.version,
-        }),
-    );
-    if out.replayed {
+    let out = app.writer.append(&id, delta, expect, key.as_ref()).await?;
+    let body = AppendBody {
+        version: out.appended.version,
+        flushed: out.flushed,
+    };
+    let mut res = with_etag(body.version, Json(body));
+    if out.appended.replayed {
         res.headers_mut()
             .insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
@@ -379,7 +404,10 @@ pub async fn messages(
         visibility: p.visibility.unwrap_or_default(),
         run_id: p.run_id,
     };
-    let page = app.store.messages(&id, &q).await?;
+    let page = app
+        .writer
+        .messages(&id, &q, p.view.unwrap_or_default())
+        .await?;
     let next_cursor = page
         .has_more
         .then(|| page.messages.last().map(|m| m.0))
@@ -405,10 +433,14 @@ pub async fn messages(
     Ok(with_etag(body.version, Json(body)))
 }
 
-#[utoipa::path(get, path = "/v1/threads/{id}/state", tag = "threads", params(("id" = String, Path)),
+#[utoipa::path(get, path = "/v1/threads/{id}/state", tag = "threads", params(("id" = String, Path), ViewParams),
     responses((status = 200, body = StateBody), (status = 404, body = Problem, content_type = "application/problem+json")))]
-pub async fn state(State(app): State<AppState>, PathId(id): PathId) -> Result<Response, ApiError> {
-    let (state, version) = app.store.state(&id).await?;
+pub async fn state(
+    State(app): State<AppState>,
+    PathId(id): PathId,
+    QueryParams(p): QueryParams<ViewParams>,
+) -> Result<Response, ApiError> {
+    let (state, version) = app.writer.state(&id, p.view.unwrap_or_default()).await?;
     Ok(with_etag(version, Json(StateBody { state, version })))
 }
 
@@ -418,7 +450,7 @@ pub async fn runs(
     State(app): State<AppState>,
     PathId(id): PathId,
 ) -> Result<Json<Vec<RunRecord>>, ApiError> {
-    Ok(Json(app.store.runs(&id).await?))
+    Ok(Json(app.writer.runs(&id).await?))
 }
 
 #[utoipa::path(get, path = "/v1/threads/{id}/runs/{run_id}", tag = "runs",
@@ -429,5 +461,17 @@ pub async fn run(
     PathId(id): PathId,
     Path(params): Path<(String, String)>,
 ) -> Result<Json<RunRecord>, ApiError> {
-    Ok(Json(app.store.run(&id, &params.1).await?))
+    Ok(Json(app.writer.run(&id, &params.1).await?))
+}
+
+#[utoipa::path(post, path = "/v1/threads/{id}/flush", tag = "threads", params(("id" = String, Path)),
+    responses((status = 200, body = FoldReport, description = "The store now reflects `version`"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 500, body = Problem, content_type = "application/problem+json", description = "fold_blocked: an undecodable log entry"),
+        (status = 503, body = Problem, content_type = "application/problem+json")))]
+pub async fn flush(
+    State(app): State<AppState>,
+    PathId(id): PathId,
+) -> Result<Json<FoldReport>, ApiError> {
+    Ok(Json(app.writer.flush(&id).await?))
 }

@@ -8,7 +8,7 @@
 
 use super::record::Record;
 use super::{
-    Appended, ChangeSet, Expect, History, IdempotencyKey, ListPage, ListQuery, MessagePage,
+    Appended, ChangeSet, Expect, Folded, History, IdempotencyKey, ListPage, ListQuery, MessagePage,
     MessageQuery, Result, RunRecord, Snapshot, Store, StoreError, now_ms,
 };
 use crate::id::ThreadId;
@@ -239,8 +239,8 @@ impl<P: Persist> Store for Records<P> {
             .await
     }
 
-    async fn apply_batch(&self, id: &ThreadId, deltas: &[(u64, ChangeSet)]) -> Result<u64> {
-        self.write(id, |r| r.apply_batch(deltas, now_ms())).await
+    async fn apply_batch(&self, id: &ThreadId, entries: &[Folded]) -> Result<u64> {
+        self.write(id, |r| r.apply_batch(entries, now_ms())).await
     }
 
     async fn messages(&self, id: &ThreadId, q: &MessageQuery) -> Result<MessagePage> {

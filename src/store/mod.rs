@@ -9,7 +9,7 @@
 mod file;
 mod memory;
 mod postgres;
-mod record;
+pub mod record;
 
 pub use file::FileStore;
 pub use memory::MemoryStore;
@@ -140,6 +140,16 @@ pub enum Change {
     Replace(Thread),
     /// A metadata merge patch.
     Metadata(Extra),
+}
+
+/// One entry of the thread's log, folded into the store at its version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Folded {
+    pub version: u64,
+    pub change: Change,
+    /// The idempotency key the write came with, remembered like a direct append's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency: Option<IdempotencyKey>,
 }
 
 /// The writes after a version, as far as they are kept.
@@ -281,10 +291,28 @@ pub trait Store: Send + Sync + 'static {
         expect: Expect,
         idempotency: Option<&IdempotencyKey>,
     ) -> Result<Appended>;
-    /// Folds log entries `(version, delta)` in order, skipping versions at or below the
-    /// watermark, in one atomic step; version and watermark become the last version applied.
-    /// Returns the watermark after the call. A gap after the watermark is an error.
-    async fn apply_batch(&self, id: &ThreadId, deltas: &[(u64, ChangeSet)]) -> Result<u64>;
+    /// Folds log entries in order, all in one atomic step. Entries at or below the watermark
+    /// are skipped (so folding the same entries again is a no-op); the rest must continue it
+    /// without a gap (`v == watermark + 1`, then `+ 1` each), else `StoreError::Internal`.
+    ///
+    /// Each entry applies exactly like the direct write it stands for:
+    /// * `Change::Delta` like [`Store::append`] (validated, message ids de-duplicated, runs
+    ///   updated);
+    /// * `Change::Replace(thread)` like [`Store::replace`]: validated by [`prepare_thread`],
+    ///   the whole thread is replaced and messages keep cursor = position;
+    /// * `Change::Metadata(patch)` merges like [`Store::patch_metadata`].
+    ///
+    /// Each entry is recorded in the history at its own version (with the change as stored,
+    /// e.g. server metadata keys dropped). An entry's idempotency key is remembered at its
+    /// version, so a later `append` with the same key answers `replayed` with that version,
+    /// and one with another fingerprint `IdempotencyKeyReused`. A fold never rejects or skips
+    /// an entry because of its key: the log is authoritative, and if a key is already
+    /// remembered (at an older version) the folded entry's version replaces it.
+    ///
+    /// Version and watermark become the last version applied; returns the watermark after the
+    /// call. A missing thread is `NotFound` (a deleted thread never comes back), and an entry
+    /// that fails validation fails the whole batch with nothing changed.
+    async fn apply_batch(&self, id: &ThreadId, entries: &[Folded]) -> Result<u64>;
     async fn messages(&self, id: &ThreadId, q: &MessageQuery) -> Result<MessagePage>;
     /// The current state (base state with every patch applied) and its version.
     async fn state(&self, id: &ThreadId) -> Result<(Value, u64)>;
@@ -328,6 +356,18 @@ pub fn strip_server_metadata(meta: &mut Extra) {
     }
 }
 
+/// Applies a JSON merge patch of custom metadata keys (`null` removes a key). The patch
+/// must already have had its server keys stripped.
+pub(crate) fn merge_metadata(metadata: &mut Extra, patch: &Extra) {
+    for (k, v) in patch {
+        if v.is_null() {
+            metadata.remove(k);
+        } else {
+            metadata.insert(k.clone(), v.clone());
+        }
+    }
+}
+
 /// Validates a full thread for create or replace and returns its current state: server
 /// metadata keys are dropped, message ids must be unique, and the patches must rebuild on
 /// the state. Every backend calls this, so all of them accept and reject the same threads.
@@ -349,7 +389,7 @@ pub fn prepare_thread(id: &ThreadId, thread: &mut Thread) -> Result<Value> {
     crate::model::rebuild_state(&thread.state, &thread.patches).map_err(|(p, o, e)| {
         StoreError::InvalidThread {
             field: format!("patches[{p}].patch.ops[{o}]"),
-            message: format!("({}) {}", e.op, e),
+            message: e.to_string(),
         }
     })
 }

@@ -24,7 +24,7 @@
 //!   reports matches the data it returns.
 
 use super::{
-    Appended, Change, Expect, HISTORY_LIMIT, History, HistoryEntry, IDEMPOTENCY_KEYS_KEPT,
+    Appended, Change, Expect, Folded, HISTORY_LIMIT, History, HistoryEntry, IDEMPOTENCY_KEYS_KEPT,
     IdempotencyKey, ListPage, ListQuery, MessagePage, MessageQuery, Order, Result, RunRecord,
     Snapshot, Store, StoreError, ThreadSummary, VisibilityFilter, now_ms,
 };
@@ -37,7 +37,7 @@ use serde_json::Value;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Connection, Postgres, QueryBuilder};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -441,6 +441,88 @@ async fn insert_thread_rows(conn: &mut PgConnection, id: &str, thread: &Thread) 
     Ok(())
 }
 
+/// Replaces a thread's message and patch rows with a full (prepared) thread's; the caller
+/// writes the thread row.
+async fn replace_thread_rows(conn: &mut PgConnection, id: &str, thread: &Thread) -> Result<()> {
+    for table in ["messages", "patches"] {
+        sqlx::query(&format!("DELETE FROM {table} WHERE thread_id = $1"))
+            .bind(id)
+            .execute(&mut *conn)
+            .await
+            .map_err(db_err)?;
+    }
+    insert_thread_rows(conn, id, thread).await
+}
+
+/// The custom metadata of a thread whose row the transaction holds.
+async fn load_metadata(conn: &mut PgConnection, id: &str) -> Result<Extra> {
+    let metadata: String = sqlx::query_scalar("SELECT metadata FROM threads WHERE id = $1")
+        .bind(id)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db_err)?;
+    from_json(&metadata)
+}
+
+/// Remembers idempotency keys at their versions (a key already remembered moves to the new
+/// version), then keeps only the [`IDEMPOTENCY_KEYS_KEPT`] most recent ones. Each version
+/// carries at most one key, so trimming by version keeps exactly that many.
+async fn remember_keys(
+    conn: &mut PgConnection,
+    id: &str,
+    keys: &[(&IdempotencyKey, u64)],
+) -> Result<()> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    // One row per key (the last one wins): a single upsert cannot touch a row twice.
+    let mut latest: HashMap<&str, (&IdempotencyKey, u64)> = HashMap::new();
+    for &(k, v) in keys {
+        latest.insert(k.key.as_str(), (k, v));
+    }
+    let (mut names, mut fingerprints, mut versions) = (Vec::new(), Vec::new(), Vec::new());
+    for (k, v) in latest.into_values() {
+        names.push(enc(&k.key));
+        fingerprints.push(k.fingerprint.clone());
+        versions.push(i(v)?);
+    }
+    sqlx::query(
+        "INSERT INTO idempotency (thread_id, key, fingerprint, version)          SELECT $1, k, f, v FROM UNNEST($2::text[], $3::text[], $4::bigint[]) AS u(k, f, v)          ON CONFLICT (thread_id, key) DO UPDATE SET            fingerprint = EXCLUDED.fingerprint, version = EXCLUDED.version",
+    )
+    .bind(id)
+    .bind(&names)
+    .bind(&fingerprints)
+    .bind(&versions)
+    .execute(&mut *conn)
+    .await
+    .map_err(db_err)?;
+    trim_keys(conn, id).await
+}
+
+/// Keeps the [`IDEMPOTENCY_KEYS_KEPT`] most recent keys (one key per version at most).
+async fn trim_keys(conn: &mut PgConnection, id: &str) -> Result<()> {
+    sqlx::query(
+        "DELETE FROM idempotency WHERE thread_id = $1 AND version <= \
+         (SELECT version FROM idempotency WHERE thread_id = $1 \
+          ORDER BY version DESC OFFSET $2 LIMIT 1)",
+    )
+    .bind(id)
+    .bind(IDEMPOTENCY_KEYS_KEPT as i64)
+    .execute(&mut *conn)
+    .await
+    .map_err(db_err)?;
+    Ok(())
+}
+
+/// A folded entry, validated before anything is written.
+enum Prepared<'a> {
+    Delta(&'a ChangeSet),
+    /// The prepared thread and its current state.
+    Replace(Thread, Value),
+    /// The patch with server keys dropped.
+    Metadata(Extra),
+}
+
 // ---------------------------------------------------------------------------------------
 // Read helpers
 // ---------------------------------------------------------------------------------------
@@ -639,14 +721,7 @@ impl Store for PostgresStore {
         let old = lock_version(&mut tx, id.as_str()).await?;
         expect.check(old)?;
         let version = old + 1;
-        for table in ["messages", "patches"] {
-            sqlx::query(&format!("DELETE FROM {table} WHERE thread_id = $1"))
-                .bind(id.as_str())
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err)?;
-        }
-        insert_thread_rows(&mut tx, id.as_str(), &thread).await?;
+        replace_thread_rows(&mut tx, id.as_str(), &thread).await?;
         sqlx::query(
             "UPDATE threads SET resource_id = $2, parent_thread_id = $3, version = $4, \
              watermark = $4, state = $5, current_state = $6, metadata = $7, message_count = $8, \
@@ -683,13 +758,7 @@ impl Store for PostgresStore {
         let (old, metadata) = row.ok_or(StoreError::NotFound)?;
         expect.check(u(old))?;
         let mut metadata: Extra = from_json(&metadata)?;
-        for (k, v) in &patch {
-            if v.is_null() {
-                metadata.remove(k);
-            } else {
-                metadata.insert(k.clone(), v.clone());
-            }
-        }
+        super::merge_metadata(&mut metadata, &patch);
         let version = u(old) + 1;
         sqlx::query(
             "UPDATE threads SET metadata = $2, version = $3, watermark = $3, updated_at = $4 \
@@ -764,17 +833,7 @@ impl Store for PostgresStore {
             .execute(&mut *tx)
             .await
             .map_err(db_err)?;
-            // Keep the IDEMPOTENCY_KEYS_KEPT most recent keys (one key per version at most).
-            sqlx::query(
-                "DELETE FROM idempotency WHERE thread_id = $1 AND version <= \
-                 (SELECT version FROM idempotency WHERE thread_id = $1 \
-                  ORDER BY version DESC OFFSET $2 LIMIT 1)",
-            )
-            .bind(tid)
-            .bind(IDEMPOTENCY_KEYS_KEPT as i64)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err)?;
+            trim_keys(&mut tx, tid).await?;
         }
         write_head(&mut tx, tid, &head, version, now).await?;
         tx.commit().await.map_err(db_err)?;
@@ -784,31 +843,115 @@ impl Store for PostgresStore {
         })
     }
 
-    async fn apply_batch(&self, id: &ThreadId, deltas: &[(u64, ChangeSet)]) -> Result<u64> {
+    async fn apply_batch(&self, id: &ThreadId, entries: &[Folded]) -> Result<u64> {
         let tid = id.as_str();
         let mut tx = self.begin().await?;
         let mut head = lock_head(&mut tx, tid).await?;
-        let pending: Vec<&(u64, ChangeSet)> =
-            deltas.iter().filter(|(v, _)| *v > head.watermark).collect();
+        let pending: Vec<&Folded> = entries
+            .iter()
+            .filter(|e| e.version > head.watermark)
+            .collect();
         if pending.is_empty() {
             return Ok(head.watermark);
         }
-        for (n, (v, _)) in pending.iter().enumerate() {
+        // Check the positions and validate every full thread before writing anything.
+        let mut prepared = Vec::with_capacity(pending.len());
+        for (n, entry) in pending.iter().enumerate() {
             let want = head.watermark + 1 + n as u64;
-            if *v != want {
+            if entry.version != want {
                 return Err(StoreError::Internal(format!(
-                    "gap in folded log: expected version {want}, got {v}"
+                    "gap in folded log: expected version {want}, got {}",
+                    entry.version
                 )));
             }
+            prepared.push(match &entry.change {
+                Change::Delta(delta) => Prepared::Delta(delta),
+                Change::Replace(thread) => {
+                    let mut thread = thread.clone();
+                    let state = super::prepare_thread(id, &mut thread)?;
+                    Prepared::Replace(thread, state)
+                }
+                Change::Metadata(patch) => {
+                    let mut patch = patch.clone();
+                    super::strip_server_metadata(&mut patch);
+                    Prepared::Metadata(patch)
+                }
+            });
         }
         let now = now_ms();
-        let mut existing = existing_ids(&mut tx, tid, pending.iter().map(|(_, d)| d)).await?;
+        let mut existing = existing_ids(
+            &mut tx,
+            tid,
+            prepared.iter().filter_map(|p| match p {
+                Prepared::Delta(d) => Some(*d),
+                _ => None,
+            }),
+        )
+        .await?;
+        // Set by a replace: the encoded (resource_id, parent_thread_id).
+        let mut identity: Option<(Option<String>, Option<String>)> = None;
+        // The metadata once a replace or a merge changed it (written back at the end).
+        let mut metadata: Option<Extra> = None;
+        let mut keys = Vec::new();
         let mut version = head.watermark;
-        for (v, delta) in pending {
-            apply_delta_rows(&mut tx, tid, &mut head, &mut existing, delta, *v, now).await?;
-            version = *v;
+        for (entry, change) in pending.iter().zip(prepared) {
+            version = entry.version;
+            match change {
+                Prepared::Delta(delta) => {
+                    apply_delta_rows(&mut tx, tid, &mut head, &mut existing, delta, version, now)
+                        .await?;
+                }
+                Prepared::Replace(thread, state) => {
+                    replace_thread_rows(&mut tx, tid, &thread).await?;
+                    head.message_count = thread.messages.len() as i64;
+                    head.patch_count = thread.patches.len() as i64;
+                    head.current_state = state;
+                    head.new_base_state = Some(thread.state.clone());
+                    existing = thread
+                        .messages
+                        .iter()
+                        .filter_map(|m| m.id.clone())
+                        .collect();
+                    identity = Some((
+                        enc_opt(thread.resource_id.as_deref()),
+                        enc_opt(thread.parent_thread_id.as_deref()),
+                    ));
+                    metadata = Some(thread.metadata.clone());
+                    record_history(&mut tx, tid, version, now, &Change::Replace(thread)).await?;
+                }
+                Prepared::Metadata(patch) => {
+                    let current = match &mut metadata {
+                        Some(m) => m,
+                        None => metadata.insert(load_metadata(&mut tx, tid).await?),
+                    };
+                    super::merge_metadata(current, &patch);
+                    record_history(&mut tx, tid, version, now, &Change::Metadata(patch)).await?;
+                }
+            }
+            if let Some(key) = &entry.idempotency {
+                keys.push((key, version));
+            }
         }
+        remember_keys(&mut tx, tid, &keys).await?;
         write_head(&mut tx, tid, &head, version, now).await?;
+        if identity.is_some() || metadata.is_some() {
+            let (resource_id, parent_thread_id) = identity.clone().unwrap_or_default();
+            let metadata = metadata.as_ref().map(to_json).transpose()?;
+            sqlx::query(
+                "UPDATE threads SET \
+                   resource_id = CASE WHEN $2 THEN $3 ELSE resource_id END, \
+                   parent_thread_id = CASE WHEN $2 THEN $4 ELSE parent_thread_id END, \
+                   metadata = COALESCE($5, metadata) WHERE id = $1",
+            )
+            .bind(tid)
+            .bind(identity.is_some())
+            .bind(resource_id)
+            .bind(parent_thread_id)
+            .bind(metadata)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
         tx.commit().await.map_err(db_err)?;
         Ok(version)
     }

@@ -6,7 +6,7 @@
 //! error leaves the record exactly as it was.
 
 use super::{
-    Appended, Change, Expect, HISTORY_LIMIT, History, HistoryEntry, IDEMPOTENCY_KEYS_KEPT,
+    Appended, Change, Expect, Folded, HISTORY_LIMIT, History, HistoryEntry, IDEMPOTENCY_KEYS_KEPT,
     IdempotencyKey, MessagePage, MessageQuery, Order, Result, RunRecord, Snapshot, StoreError,
     ThreadSummary,
 };
@@ -59,6 +59,31 @@ impl Record {
             .iter()
             .filter_map(|m| m.id.clone())
             .collect();
+    }
+
+    /// A record holding a stored snapshot (no history or runs): the base that a live view
+    /// applies the buffered tail to.
+    pub fn from_snapshot(snap: Snapshot) -> Result<Self> {
+        let current_state = crate::model::rebuild_state(&snap.thread.state, &snap.thread.patches)
+            .map_err(|(p, o, e)| {
+            StoreError::Internal(format!(
+                "stored thread does not rebuild at patches[{p}].patch.ops[{o}]: {e}"
+            ))
+        })?;
+        let mut r = Record {
+            thread: snap.thread,
+            current_state,
+            version: snap.version,
+            watermark: snap.watermark,
+            created_at: snap.created_at,
+            updated_at: snap.updated_at,
+            runs: Vec::new(),
+            history: VecDeque::new(),
+            idempotency: VecDeque::new(),
+            ids: HashSet::new(),
+        };
+        r.rebuild_ids();
+        Ok(r)
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -121,15 +146,23 @@ impl Record {
         expect.check(self.version)?;
         let version = self.apply(delta, now)?;
         if let Some(key) = idempotency {
-            self.idempotency.push_back((key.clone(), version));
-            while self.idempotency.len() > IDEMPOTENCY_KEYS_KEPT {
-                self.idempotency.pop_front();
-            }
+            self.remember(key, version);
         }
         Ok(Appended {
             version,
             replayed: false,
         })
+    }
+
+    /// Remembers `key` as the write at `version`, replacing any earlier entry for the same key,
+    /// and forgets the oldest keys past [`IDEMPOTENCY_KEYS_KEPT`]. Versions only grow, so the
+    /// queue stays ordered by version.
+    fn remember(&mut self, key: &IdempotencyKey, version: u64) {
+        self.idempotency.retain(|(k, _)| k.key != key.key);
+        self.idempotency.push_back((key.clone(), version));
+        while self.idempotency.len() > IDEMPOTENCY_KEYS_KEPT {
+            self.idempotency.pop_front();
+        }
     }
 
     /// Applies one delta as the next version; nothing changes on error.
@@ -177,49 +210,84 @@ impl Record {
         Ok(self.bump(Change::Delta(delta), now))
     }
 
-    /// Folds log entries above the watermark; all or nothing.
-    pub fn apply_batch(&mut self, deltas: &[(u64, ChangeSet)], now: i64) -> Result<u64> {
-        let pending: Vec<_> = deltas.iter().filter(|(v, _)| *v > self.watermark).collect();
+    /// Folds log entries above the watermark (see [`super::Store::apply_batch`]); all or
+    /// nothing.
+    pub fn apply_batch(&mut self, entries: &[Folded], now: i64) -> Result<u64> {
+        let pending: Vec<&Folded> = entries
+            .iter()
+            .filter(|e| e.version > self.watermark)
+            .collect();
         if pending.is_empty() {
             return Ok(self.watermark);
         }
-        let mut next = self.clone();
-        for (v, delta) in pending {
-            if *v != next.watermark + 1 {
+        // Positions and full threads are checked before anything is applied (the same
+        // order of checks as the PostgreSQL backend's).
+        let mut prepared = Vec::with_capacity(pending.len());
+        for (n, entry) in pending.iter().enumerate() {
+            let want = self.watermark + 1 + n as u64;
+            if entry.version != want {
                 return Err(StoreError::Internal(format!(
-                    "gap in folded log: expected version {}, got {v}",
-                    next.watermark + 1
+                    "gap in folded log: expected version {want}, got {}",
+                    entry.version
                 )));
             }
-            next.version = v - 1;
-            next.apply(delta, now)?;
+            prepared.push(match &entry.change {
+                Change::Delta(delta) => Prepared::Delta(delta),
+                Change::Replace(thread) => {
+                    let (thread, state) = self.prepare(thread.clone())?;
+                    Prepared::Replace(thread, state)
+                }
+                Change::Metadata(patch) => Prepared::Metadata(patch),
+            });
+        }
+        let mut next = self.clone();
+        for (entry, change) in pending.into_iter().zip(prepared) {
+            next.version = entry.version - 1;
+            match change {
+                Prepared::Delta(delta) => next.apply(delta, now)?,
+                Prepared::Replace(thread, state) => next.set_thread(thread, state, now),
+                Prepared::Metadata(patch) => next.merge_metadata(patch.clone(), now),
+            };
+            if let Some(key) = &entry.idempotency {
+                next.remember(key, entry.version);
+            }
         }
         *self = next;
         Ok(self.watermark)
     }
 
-    pub fn replace(&mut self, mut thread: Thread, expect: Expect, now: i64) -> Result<u64> {
+    /// Validates a full thread for this record and returns it with its current state.
+    fn prepare(&self, mut thread: Thread) -> Result<(Thread, Value)> {
         let id =
             ThreadId::parse(&self.thread.id).map_err(|e| StoreError::Internal(e.to_string()))?;
         let state = super::prepare_thread(&id, &mut thread)?;
-        expect.check(self.version)?;
+        Ok((thread, state))
+    }
+
+    /// Replaces the whole thread (already prepared) as the next version.
+    fn set_thread(&mut self, thread: Thread, state: Value, now: i64) -> u64 {
         self.current_state = state;
         self.thread = thread.clone();
         self.rebuild_ids();
-        Ok(self.bump(Change::Replace(thread), now))
+        self.bump(Change::Replace(thread), now)
     }
 
-    pub fn patch_metadata(&mut self, mut patch: Extra, expect: Expect, now: i64) -> Result<u64> {
-        expect.check(self.version)?;
+    /// Merges a metadata patch as the next version.
+    fn merge_metadata(&mut self, mut patch: Extra, now: i64) -> u64 {
         super::strip_server_metadata(&mut patch);
-        for (k, v) in &patch {
-            if v.is_null() {
-                self.thread.metadata.remove(k);
-            } else {
-                self.thread.metadata.insert(k.clone(), v.clone());
-            }
-        }
-        Ok(self.bump(Change::Metadata(patch), now))
+        super::merge_metadata(&mut self.thread.metadata, &patch);
+        self.bump(Change::Metadata(patch), now)
+    }
+
+    pub fn replace(&mut self, thread: Thread, expect: Expect, now: i64) -> Result<u64> {
+        let (thread, state) = self.prepare(thread)?;
+        expect.check(self.version)?;
+        Ok(self.set_thread(thread, state, now))
+    }
+
+    pub fn patch_metadata(&mut self, patch: Extra, expect: Expect, now: i64) -> Result<u64> {
+        expect.check(self.version)?;
+        Ok(self.merge_metadata(patch, now))
     }
 
     pub fn messages(&self, q: &MessageQuery) -> MessagePage {
@@ -273,4 +341,12 @@ impl Record {
             version: self.version,
         }
     }
+}
+
+/// A folded entry, checked before anything is applied.
+enum Prepared<'a> {
+    Delta(&'a ChangeSet),
+    /// The prepared thread and its current state.
+    Replace(Thread, Value),
+    Metadata(&'a Extra),
 }

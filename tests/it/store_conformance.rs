@@ -10,8 +10,8 @@ use std::sync::Arc;
 use threadgate::id::ThreadId;
 use threadgate::model::{ChangeSet, Extra, Message, Thread};
 use threadgate::store::{
-    Change, DynStore, Expect, FileStore, HISTORY_LIMIT, IdempotencyKey, ListQuery, MemoryStore,
-    MessageQuery, Order, StoreError, VisibilityFilter,
+    Change, DynStore, Expect, FileStore, Folded, HISTORY_LIMIT, IdempotencyKey, ListQuery,
+    MemoryStore, MessageQuery, Order, StoreError, VisibilityFilter,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -92,6 +92,28 @@ fn key(k: &str, fp: &str) -> IdempotencyKey {
 
 fn meta(v: Value) -> Extra {
     from(v)
+}
+
+/// A log entry without an idempotency key.
+fn fold(version: u64, change: Change) -> Folded {
+    Folded {
+        version,
+        change,
+        idempotency: None,
+    }
+}
+
+/// A log entry carrying a delta.
+fn fd(version: u64, d: ChangeSet) -> Folded {
+    fold(version, Change::Delta(d))
+}
+
+/// A log entry with an idempotency key.
+fn keyed(version: u64, change: Change, k: IdempotencyKey) -> Folded {
+    Folded {
+        idempotency: Some(k),
+        ..fold(version, change)
+    }
 }
 
 fn contents(messages: &[Message]) -> Vec<&str> {
@@ -484,7 +506,7 @@ async fn invalid_delta_changes_nothing(s: &DynStore) {
         StoreError::InvalidDelta(_)
     );
     assert_err!(
-        s.apply_batch(&id, &[(2, bad.clone())]).await,
+        s.apply_batch(&id, &[fd(2, bad.clone())]).await,
         StoreError::InvalidDelta(_)
     );
     assert_eq!(observe(s, "t").await, before);
@@ -726,8 +748,8 @@ async fn history_bounded(s: &DynStore) {
     create_empty(s, "t").await;
     let id = tid("t");
     let total = HISTORY_LIMIT as u64 + 5;
-    let batch: Vec<(u64, ChangeSet)> = (1..=total)
-        .map(|v| (v, delta("r", vec![user(&format!("m{v}"), "x")])))
+    let batch: Vec<Folded> = (1..=total)
+        .map(|v| fd(v, delta("r", vec![user(&format!("m{v}"), "x")])))
         .collect();
     assert_eq!(s.apply_batch(&id, &batch).await.unwrap(), total);
     let h = s.history(&id, 0, 10).await.unwrap();
@@ -755,14 +777,14 @@ async fn apply_batch(s: &DynStore) {
     create_empty(s, "t").await;
     let id = tid("t");
     let d = |n: u32| delta("r", vec![user(&format!("m{n}"), &format!("c{n}"))]);
-    let batch = vec![(1, d(1)), (2, d(2))];
+    let batch = vec![fd(1, d(1)), fd(2, d(2))];
     assert_eq!(s.apply_batch(&id, &batch).await.unwrap(), 2);
     assert_eq!(s.apply_batch(&id, &batch).await.unwrap(), 2);
     let got = s.get(&id).await.unwrap();
     assert_eq!((got.version, got.watermark), (2, 2));
     assert_eq!(contents(&got.thread.messages), ["c1", "c2"]);
     // Overlap: only the new tail is applied; message ids dedup within the batch too.
-    let overlap = vec![(1, d(1)), (2, d(2)), (3, d(3)), (4, d(3))];
+    let overlap = vec![fd(1, d(1)), fd(2, d(2)), fd(3, d(3)), fd(4, d(3))];
     assert_eq!(s.apply_batch(&id, &overlap).await.unwrap(), 4);
     assert_eq!(
         contents(&s.get(&id).await.unwrap().thread.messages),
@@ -776,11 +798,11 @@ async fn apply_batch(s: &DynStore) {
     // Gaps are rejected and change nothing.
     let before = observe(s, "t").await;
     assert_err!(
-        s.apply_batch(&id, &[(6, d(6))]).await,
+        s.apply_batch(&id, &[fd(6, d(6))]).await,
         StoreError::Internal(_)
     );
     assert_err!(
-        s.apply_batch(&id, &[(5, d(5)), (7, d(7))]).await,
+        s.apply_batch(&id, &[fd(5, d(5)), fd(7, d(7))]).await,
         StoreError::Internal(_)
     );
     assert_eq!(observe(s, "t").await, before);
@@ -794,7 +816,9 @@ async fn apply_batch(s: &DynStore) {
         5
     );
     assert_eq!(
-        s.apply_batch(&id, &[(5, d(5)), (6, d(6))]).await.unwrap(),
+        s.apply_batch(&id, &[fd(5, d(5)), fd(6, d(6))])
+            .await
+            .unwrap(),
         6
     );
     let got = s.get(&id).await.unwrap();
@@ -802,8 +826,484 @@ async fn apply_batch(s: &DynStore) {
     assert_eq!(got.thread.messages.len(), 5);
     // A deleted thread never comes back from a late fold.
     s.delete(&id, Expect::Any).await.unwrap();
-    assert_err!(s.apply_batch(&id, &[(7, d(7))]).await, StoreError::NotFound);
+    assert_err!(
+        s.apply_batch(&id, &[fd(7, d(7))]).await,
+        StoreError::NotFound
+    );
     assert_err!(s.get(&id).await, StoreError::NotFound);
+}
+
+/// A mix of every kind of write, as a log would carry it: deltas (with a run, patches and a
+/// snapshot), metadata merges (with server keys to drop) and a full replace.
+fn mixed_log() -> Vec<Change> {
+    let with_run: ChangeSet = from(json!({
+        "run_id": "r1", "reason": "AssistantTurnCommitted",
+        "run_meta": {"agent_id": "a", "origin": "user", "status": "running"},
+        "messages": [{"id": "m1", "role": "user", "content": "one"}],
+        "patches": [set(json!(["a"]), json!(1))]
+    }));
+    let replaced: Thread = from(json!({
+        "id": "ignored", "resource_id": "res2", "parent_thread_id": "p",
+        "messages": [{"id": "m1", "role": "user", "content": "one again"},
+                     {"role": "tool", "content": "T"}, {"id": "m9", "role": "user", "content": "nine"}],
+        "state": {"s": 1}, "patches": [set(json!(["p"]), json!(true))],
+        "metadata": {"x": 1, "keep": "k", "created_at": 5, "version": 3}
+    }));
+    let after_replace: ChangeSet = from(json!({
+        "run_id": "r2", "reason": "AssistantTurnCommitted",
+        "run_meta": {"agent_id": "a", "origin": "user", "status": "done"},
+        "messages": [{"id": "m9", "role": "user", "content": "dup"},
+                     {"id": "m1", "role": "user", "content": "dup too"},
+                     {"id": "m10", "role": "user", "content": "ten"}],
+        "patches": [set(json!(["q"]), json!(2))]
+    }));
+    let snapshot: ChangeSet = from(json!({
+        "run_id": "r2", "reason": "RunFinished", "messages": [{"role": "assistant", "content": "end"}],
+        "patches": [set(json!(["z"]), json!(1e16))], "snapshot": {"snap": 1.0}
+    }));
+    vec![
+        Change::Delta(with_run),
+        Change::Metadata(meta(
+            json!({"k": 1, "gone": null, "version": 9, "updated_at": 1}),
+        )),
+        Change::Delta(delta("r1", vec![user("m2", "two"), anon("x")])),
+        Change::Replace(replaced),
+        Change::Delta(after_replace),
+        Change::Metadata(meta(json!({"x": null, "y": [2.5], "keep": "kept"}))),
+        Change::Delta(snapshot),
+        Change::Metadata(meta(json!({"last": true}))),
+    ]
+}
+
+/// Applies a change the direct way, expecting it to become `version`.
+async fn write_directly(s: &DynStore, id: &ThreadId, change: &Change, version: u64) {
+    let expect = Expect::Exact(version - 1);
+    let got = match change.clone() {
+        Change::Delta(d) => s.append(id, &d, expect, None).await.unwrap().version,
+        Change::Replace(t) => s.replace(id, t, expect).await.unwrap(),
+        Change::Metadata(m) => s.patch_metadata(id, m, expect).await.unwrap(),
+    };
+    assert_eq!(got, version);
+}
+
+/// Everything about a thread that must not depend on how its writes arrived (the thread id
+/// and the clock aside).
+async fn comparable(s: &DynStore, id: &str) -> String {
+    let tid = tid(id);
+    let snap = s.get(&tid).await.unwrap();
+    let mut thread = snap.thread.clone();
+    thread.id = "_".into();
+    let (state, sv) = s.state(&tid).await.unwrap();
+    let history = s.history(&tid, 0, 10_000).await.unwrap();
+    let changes: Vec<String> = history
+        .entries
+        .iter()
+        .map(|e| {
+            let mut c = e.change.clone();
+            if let Change::Replace(t) = &mut c {
+                t.id = "_".into();
+            }
+            format!("{}:{}", e.version, text(&c))
+        })
+        .collect();
+    let runs: Vec<String> = s
+        .runs(&tid)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {:?} v{} {}",
+                r.run_id,
+                r.parent_run_id,
+                r.version,
+                text(&r.meta)
+            )
+        })
+        .collect();
+    let cursors: Vec<(u64, String)> = all_messages(s, id)
+        .await
+        .into_iter()
+        .map(|(c, m)| (c, text(&m)))
+        .collect();
+    let summary = s
+        .list(&ListQuery {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .threads
+        .into_iter()
+        .find(|t| t.id == id)
+        .map(|t| {
+            format!(
+                "{:?} {:?} v{} n{} {}",
+                t.resource_id,
+                t.parent_thread_id,
+                t.version,
+                t.message_count,
+                text(&t.metadata)
+            )
+        })
+        .unwrap();
+    format!(
+        "{} v{} w{}\nstate {} @{sv}\nhistory {changes:?} first {:?} v{}\nruns {runs:?}\n\
+         messages {cursors:?}\nsummary {summary}",
+        text(&thread),
+        snap.version,
+        snap.watermark,
+        text(&state),
+        history.first_kept,
+        history.version,
+    )
+}
+
+async fn apply_batch_mixed(s: &DynStore) {
+    let base: Thread = from(json!({
+        "id": "x", "resource_id": "res", "messages": [{"id": "m0", "role": "user", "content": "zero"}],
+        "state": {"n": 0}, "patches": [set(json!(["b"]), json!(2))],
+        "metadata": {"gone": 1, "x": 0}
+    }));
+    for id in ["direct", "folded"] {
+        s.create(&tid(id), base.clone()).await.unwrap();
+    }
+    let log = mixed_log();
+    for (n, change) in log.iter().enumerate() {
+        write_directly(s, &tid("direct"), change, n as u64 + 1).await;
+    }
+    let batch: Vec<Folded> = log
+        .iter()
+        .enumerate()
+        .map(|(n, c)| fold(n as u64 + 1, c.clone()))
+        .collect();
+    let last = log.len() as u64;
+    assert_eq!(s.apply_batch(&tid("folded"), &batch).await.unwrap(), last);
+    let want = comparable(s, "direct").await;
+    assert_eq!(comparable(s, "folded").await, want);
+    // Spot checks, so the comparison is not of two equally wrong things.
+    let got = s.get(&tid("folded")).await.unwrap();
+    assert_eq!((got.version, got.watermark), (last, last));
+    assert_eq!(got.thread.resource_id.as_deref(), Some("res2"));
+    assert_eq!(got.thread.parent_thread_id.as_deref(), Some("p"));
+    assert_eq!(
+        contents(&got.thread.messages),
+        ["one again", "T", "nine", "ten", "end"]
+    );
+    assert_eq!(
+        got.thread.metadata,
+        meta(json!({"keep": "kept", "y": [2.5], "last": true}))
+    );
+    assert_eq!(got.thread.state, json!({"snap": 1.0}));
+    assert_eq!(
+        text(&s.state(&tid("folded")).await.unwrap()),
+        text(&(json!({"snap": 1.0, "z": 1e16}), last))
+    );
+    let h = s.history(&tid("folded"), 0, 100).await.unwrap();
+    assert_eq!(
+        h.entries.iter().map(|e| e.version).collect::<Vec<_>>(),
+        (1..=last).collect::<Vec<_>>()
+    );
+    match &h.entries[1].change {
+        Change::Metadata(m) => assert_eq!(m, &meta(json!({"k": 1, "gone": null}))),
+        other => panic!("expected metadata, got {other:?}"),
+    }
+    match &h.entries[3].change {
+        Change::Replace(t) => {
+            assert_eq!(t.id, "folded");
+            assert_eq!(t.metadata, meta(json!({"x": 1, "keep": "k"})));
+        }
+        other => panic!("expected replace, got {other:?}"),
+    }
+    assert_eq!(
+        all_messages(s, "folded")
+            .await
+            .iter()
+            .map(|m| m.0)
+            .collect::<Vec<_>>(),
+        [0, 1, 2, 3, 4]
+    );
+    let found = s
+        .list(&ListQuery {
+            resource_id: Some("res2".into()),
+            parent_thread_id: Some("p".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(found.threads.len(), 2);
+    // Batches split anywhere give the same result as one batch.
+    s.create(&tid("split"), base.clone()).await.unwrap();
+    for chunk in batch.chunks(3) {
+        s.apply_batch(&tid("split"), chunk).await.unwrap();
+    }
+    assert_eq!(comparable(s, "split").await, want);
+    // Folding onto direct writes continues the same position space.
+    let more = fold(last + 1, Change::Metadata(meta(json!({"after": "direct"}))));
+    assert_eq!(
+        s.apply_batch(
+            &tid("direct"),
+            &[fold(last, log[last as usize - 1].clone()), more]
+        )
+        .await
+        .unwrap(),
+        last + 1
+    );
+    assert_eq!(
+        s.get(&tid("direct")).await.unwrap().thread.metadata["after"],
+        json!("direct")
+    );
+}
+
+async fn apply_batch_idempotency(s: &DynStore) {
+    create_empty(s, "t").await;
+    let id = tid("t");
+    let batch = vec![
+        keyed(
+            1,
+            Change::Delta(delta("r", vec![anon("one")])),
+            key("k1", "fp1"),
+        ),
+        keyed(2, Change::Metadata(meta(json!({"m": 1}))), key("k2", "fp2")),
+        fd(3, delta("r", vec![anon("three")])),
+        keyed(4, Change::Replace(Thread::new("t")), key("k4", "fp4")),
+    ];
+    assert_eq!(s.apply_batch(&id, &batch).await.unwrap(), 4);
+    for (k, fp, v) in [("k1", "fp1", 1), ("k2", "fp2", 2), ("k4", "fp4", 4)] {
+        // A retry replays, whatever its precondition and body.
+        let a = s
+            .append(
+                &id,
+                &delta("r", vec![anon("retry")]),
+                Expect::Exact(0),
+                Some(&key(k, fp)),
+            )
+            .await
+            .unwrap();
+        assert_eq!((a.version, a.replayed), (v, true), "{k}");
+        assert_err!(
+            s.append(
+                &id,
+                &delta("r", vec![anon("other")]),
+                Expect::Any,
+                Some(&key(k, "other"))
+            )
+            .await,
+            StoreError::IdempotencyKeyReused
+        );
+    }
+    assert_eq!(s.version(&id).await.unwrap(), 4);
+    assert!(s.get(&id).await.unwrap().thread.messages.is_empty());
+    // A fresh key is a first write; the fold's keys stay remembered after it.
+    let a = s
+        .append(
+            &id,
+            &delta("r", vec![anon("five")]),
+            Expect::Any,
+            Some(&key("k5", "fp5")),
+        )
+        .await
+        .unwrap();
+    assert_eq!((a.version, a.replayed), (5, false));
+    // Refolding the same entries changes no key.
+    assert_eq!(s.apply_batch(&id, &batch).await.unwrap(), 5);
+    let a = s
+        .append(
+            &id,
+            &delta("r", vec![]),
+            Expect::Any,
+            Some(&key("k1", "fp1")),
+        )
+        .await
+        .unwrap();
+    assert_eq!((a.version, a.replayed), (1, true));
+    // The log is authoritative: a key folded again at a later version (even a key in the
+    // same batch twice) answers with the latest version and fingerprint.
+    let again = vec![
+        keyed(6, Change::Delta(delta("r", vec![])), key("k1", "fpX")),
+        keyed(7, Change::Delta(delta("r", vec![])), key("k7", "a")),
+        keyed(8, Change::Delta(delta("r", vec![])), key("k7", "b")),
+    ];
+    assert_eq!(s.apply_batch(&id, &again).await.unwrap(), 8);
+    for (k, fp, v) in [("k1", "fpX", 6), ("k7", "b", 8), ("k5", "fp5", 5)] {
+        let a = s
+            .append(&id, &delta("r", vec![]), Expect::Any, Some(&key(k, fp)))
+            .await
+            .unwrap();
+        assert_eq!((a.version, a.replayed), (v, true), "{k}");
+    }
+    for (k, fp) in [("k1", "fp1"), ("k7", "a")] {
+        assert_err!(
+            s.append(&id, &delta("r", vec![]), Expect::Any, Some(&key(k, fp)))
+                .await,
+            StoreError::IdempotencyKeyReused
+        );
+    }
+    assert_eq!(s.version(&id).await.unwrap(), 8);
+    // Keys folded into one thread are that thread's own.
+    create_empty(s, "u").await;
+    let a = s
+        .append(
+            &tid("u"),
+            &delta("r", vec![]),
+            Expect::Any,
+            Some(&key("k1", "fp1")),
+        )
+        .await
+        .unwrap();
+    assert_eq!((a.version, a.replayed), (1, false));
+}
+
+async fn apply_batch_invalid(s: &DynStore) {
+    let id = tid("t");
+    let t: Thread = from(json!({"id": "t", "state": {"n": "text"},
+        "messages": [{"id": "m0", "role": "user", "content": "zero"}]}));
+    s.create(&id, t).await.unwrap();
+    s.apply_batch(&id, &[fd(1, delta("r", vec![user("m1", "one")]))])
+        .await
+        .unwrap();
+    let before = observe(s, "t").await;
+    let good = |v| {
+        keyed(
+            v,
+            Change::Delta(delta("r", vec![user("m2", "two")])),
+            key("k", "f"),
+        )
+    };
+    let bad_patches: Thread = from(json!({"id": "t", "state": {"n": "s"}, "patches": [
+        {"patch": {"ops": [{"op": "increment", "path": ["n"], "amount": 1}]}}]}));
+    let dup_ids: Thread = from(json!({"id": "t", "messages": [
+        {"id": "x", "role": "user", "content": "1"}, {"id": "x", "role": "user", "content": "2"}]}));
+    for bad in [bad_patches, dup_ids] {
+        let batch = vec![
+            good(2),
+            fold(3, Change::Metadata(meta(json!({"m": 1})))),
+            fold(4, Change::Replace(bad)),
+            fd(5, delta("r", vec![anon("after")])),
+        ];
+        assert_err!(
+            s.apply_batch(&id, &batch).await,
+            StoreError::InvalidThread { .. }
+        );
+        assert_eq!(observe(s, "t").await, before);
+    }
+    // A delta that fails after a valid replace undoes the replace too.
+    let fine: Thread = from(json!({"id": "t", "state": {"n": "still text"}}));
+    let bad_delta: ChangeSet = from(json!({
+        "run_id": "r", "reason": "AssistantTurnCommitted", "messages": [],
+        "patches": [{"patch": {"ops": [{"op": "increment", "path": ["n"], "amount": 1}]}}]
+    }));
+    let batch = vec![
+        good(2),
+        fold(3, Change::Replace(fine)),
+        fold(4, Change::Metadata(meta(json!({"m": 1})))),
+        fd(5, bad_delta),
+    ];
+    assert_err!(
+        s.apply_batch(&id, &batch).await,
+        StoreError::InvalidDelta(_)
+    );
+    assert_eq!(observe(s, "t").await, before);
+    assert_eq!(
+        contents(&s.get(&id).await.unwrap().thread.messages),
+        ["zero", "one"]
+    );
+    // The failed batches' key was not remembered.
+    let a = s
+        .append(&id, &delta("r", vec![]), Expect::Any, Some(&key("k", "f")))
+        .await
+        .unwrap();
+    assert_eq!((a.version, a.replayed), (2, false));
+    // A missing thread is NotFound, whatever the entries.
+    assert_err!(
+        s.apply_batch(
+            &tid("missing"),
+            &[fold(1, Change::Replace(Thread::new("missing")))]
+        )
+        .await,
+        StoreError::NotFound
+    );
+    assert_err!(s.get(&tid("missing")).await, StoreError::NotFound);
+}
+
+async fn apply_batch_twice(s: &DynStore) {
+    let base: Thread = from(json!({"id": "t", "state": {"n": 0}, "metadata": {"x": 0}}));
+    s.create(&tid("t"), base).await.unwrap();
+    let batch: Vec<Folded> = mixed_log()
+        .into_iter()
+        .enumerate()
+        .map(|(n, c)| keyed(n as u64 + 1, c, key(&format!("k{n}"), "fp")))
+        .collect();
+    let last = batch.len() as u64;
+    assert_eq!(s.apply_batch(&tid("t"), &batch).await.unwrap(), last);
+    let once = observe(s, "t").await;
+    tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+    assert_eq!(s.apply_batch(&tid("t"), &batch).await.unwrap(), last);
+    assert_eq!(s.apply_batch(&tid("t"), &batch[..3]).await.unwrap(), last);
+    // `observe` includes `updated_at`: a no-op does not even touch the clock.
+    assert_eq!(observe(s, "t").await, once);
+    let a = s
+        .append(
+            &tid("t"),
+            &delta("r", vec![]),
+            Expect::Any,
+            Some(&key("k2", "fp")),
+        )
+        .await
+        .unwrap();
+    assert_eq!((a.version, a.replayed), (3, true));
+}
+
+async fn concurrent_apply_batch(s: &DynStore) {
+    create_empty(s, "t").await;
+    // Several rounds: the later ones run on warm connections.
+    for round in 0..3u64 {
+        let batch: Arc<Vec<Folded>> = Arc::new(
+            (round * 50 + 1..=round * 50 + 50)
+                .map(|v| match v % 10 {
+                    0 => keyed(
+                        v,
+                        Change::Metadata(meta(json!({ format!("k{v}"): v }))),
+                        key(&format!("key{v}"), "fp"),
+                    ),
+                    _ => fd(v, delta("r", vec![anon(&format!("c{v}"))])),
+                })
+                .collect(),
+        );
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let (s, batch) = (s.clone(), batch.clone());
+                tokio::spawn(async move { s.apply_batch(&tid("t"), &batch).await })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap(), round * 50 + 50);
+        }
+    }
+    let got = s.get(&tid("t")).await.unwrap();
+    assert_eq!((got.version, got.watermark), (150, 150));
+    let want: Vec<String> = (1..=150u64)
+        .filter(|v| v % 10 != 0)
+        .map(|v| format!("c{v}"))
+        .collect();
+    assert_eq!(contents(&got.thread.messages), want);
+    assert_eq!(got.thread.metadata.len(), 15);
+    let h = s.history(&tid("t"), 0, 1_000).await.unwrap();
+    assert_eq!(
+        h.entries.iter().map(|e| e.version).collect::<Vec<_>>(),
+        (1..=150).collect::<Vec<_>>()
+    );
+    let a = s
+        .append(
+            &tid("t"),
+            &delta("r", vec![]),
+            Expect::Any,
+            Some(&key("key70", "fp")),
+        )
+        .await
+        .unwrap();
+    assert_eq!((a.version, a.replayed), (70, true));
 }
 
 async fn replace(s: &DynStore) {
@@ -1449,6 +1949,11 @@ suite!(
     history_after,
     history_bounded,
     apply_batch,
+    apply_batch_mixed,
+    apply_batch_idempotency,
+    apply_batch_invalid,
+    apply_batch_twice,
+    concurrent_apply_batch,
     replace,
     patch_metadata,
     delete,

@@ -1,0 +1,217 @@
+//! The write path and the read views, behind one API for the HTTP layer.
+//!
+//! **Direct** mode (no NATS): every write goes straight to the snapshot store.
+//! **Buffered** mode (`--nats-url`): writes go to the thread's JetStream log
+//! ([`crate::buffer`]) and are folded into the store at run end, on flush, when idle, at
+//! start-up and at shutdown. Reads default to the store's snapshot (which says the version
+//! it reflects); `view=live` merges the buffered tail.
+
+use crate::buffer::{Buffer, Entry, Error, FoldReport, Result};
+use crate::id::ThreadId;
+use crate::model::{ChangeSet, Extra, Reason, Thread};
+use crate::store::{
+    Appended, DynStore, Expect, IdempotencyKey, ListPage, ListQuery, MessagePage, MessageQuery,
+    RunRecord, Snapshot, StoreError,
+};
+use serde::Deserialize;
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::Duration;
+use utoipa::ToSchema;
+
+/// How long a `RunFinished` append waits for its fold before answering anyway (the entry is
+/// durable in the log either way; the sweeper retries the fold).
+const FOLD_ON_FINISH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Which position a read reflects.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum View {
+    /// The snapshot store (the folded state).
+    #[default]
+    Store,
+    /// The store plus the buffered tail: read-your-writes.
+    Live,
+}
+
+/// What an append did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendOutcome {
+    pub appended: Appended,
+    /// For a `RunFinished` in buffered mode: whether the fold completed before answering.
+    pub flushed: Option<bool>,
+}
+
+pub struct Writer {
+    store: DynStore,
+    buffer: Option<Arc<Buffer>>,
+}
+
+impl Writer {
+    pub fn new(store: DynStore, buffer: Option<Arc<Buffer>>) -> Self {
+        Writer { store, buffer }
+    }
+
+    pub fn store(&self) -> &DynStore {
+        &self.store
+    }
+
+    pub fn buffer(&self) -> Option<&Arc<Buffer>> {
+        self.buffer.as_ref()
+    }
+
+    pub async fn create(&self, id: &ThreadId, thread: Thread) -> Result<Snapshot> {
+        if let Some(b) = &self.buffer {
+            // A duplicate create must not touch the existing thread's buffered tail.
+            match self.store.version(id).await {
+                Ok(_) => return Err(StoreError::AlreadyExists.into()),
+                Err(StoreError::NotFound) => b.prepare_create(id).await?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(self.store.create(id, thread).await?)
+    }
+
+    pub async fn append(
+        &self,
+        id: &ThreadId,
+        delta: ChangeSet,
+        expect: Expect,
+        idempotency: Option<&IdempotencyKey>,
+    ) -> Result<AppendOutcome> {
+        let Some(b) = &self.buffer else {
+            let appended = self.store.append(id, &delta, expect, idempotency).await?;
+            return Ok(AppendOutcome {
+                appended,
+                flushed: None,
+            });
+        };
+        let finished = delta.reason == Reason::RunFinished;
+        let appended = b
+            .write(id, Entry::Delta(delta), expect, idempotency)
+            .await?;
+        let flushed = if finished {
+            let fold = tokio::time::timeout(FOLD_ON_FINISH_TIMEOUT, b.fold(id)).await;
+            Some(matches!(fold, Ok(Ok(r)) if r.version >= appended.version))
+        } else {
+            None
+        };
+        Ok(AppendOutcome { appended, flushed })
+    }
+
+    pub async fn replace(&self, id: &ThreadId, thread: Thread, expect: Expect) -> Result<u64> {
+        match &self.buffer {
+            None => Ok(self.store.replace(id, thread, expect).await?),
+            Some(b) => Ok(b
+                .write(id, Entry::Replace(thread), expect, None)
+                .await?
+                .version),
+        }
+    }
+
+    pub async fn patch_metadata(
+        &self,
+        id: &ThreadId,
+        mut patch: Extra,
+        expect: Expect,
+    ) -> Result<u64> {
+        crate::store::strip_server_metadata(&mut patch);
+        match &self.buffer {
+            None => Ok(self.store.patch_metadata(id, patch, expect).await?),
+            Some(b) => Ok(b
+                .write(id, Entry::Metadata(patch), expect, None)
+                .await?
+                .version),
+        }
+    }
+
+    pub async fn delete(&self, id: &ThreadId, expect: Expect) -> Result<()> {
+        match &self.buffer {
+            None => Ok(self.store.delete(id, expect).await?),
+            Some(b) => b.delete(id, expect).await,
+        }
+    }
+
+    /// Folds the buffered tail now; in direct mode the store is always caught up.
+    pub async fn flush(&self, id: &ThreadId) -> Result<FoldReport> {
+        match &self.buffer {
+            None => Ok(FoldReport {
+                version: self.store.version(id).await?,
+                applied: 0,
+            }),
+            Some(b) => b.fold(id).await,
+        }
+    }
+
+    pub async fn get(&self, id: &ThreadId, view: View) -> Result<Snapshot> {
+        match (&self.buffer, view) {
+            (Some(b), View::Live) => Ok(b.live_record(id).await?.snapshot()),
+            _ => Ok(self.store.get(id).await?),
+        }
+    }
+
+    pub async fn version(&self, id: &ThreadId, view: View) -> Result<u64> {
+        match (&self.buffer, view) {
+            (Some(b), View::Live) => b.head_version(id).await,
+            _ => Ok(self.store.version(id).await?),
+        }
+    }
+
+    pub async fn messages(
+        &self,
+        id: &ThreadId,
+        q: &MessageQuery,
+        view: View,
+    ) -> Result<MessagePage> {
+        match (&self.buffer, view) {
+            (Some(b), View::Live) => Ok(b.live_record(id).await?.messages(q)),
+            _ => Ok(self.store.messages(id, q).await?),
+        }
+    }
+
+    pub async fn state(&self, id: &ThreadId, view: View) -> Result<(Value, u64)> {
+        match (&self.buffer, view) {
+            (Some(b), View::Live) => {
+                let r = b.live_record(id).await?;
+                Ok((r.current_state.clone(), r.version))
+            }
+            _ => Ok(self.store.state(id).await?),
+        }
+    }
+
+    pub async fn list(&self, q: &ListQuery) -> Result<ListPage> {
+        Ok(self.store.list(q).await?)
+    }
+
+    pub async fn runs(&self, id: &ThreadId) -> Result<Vec<RunRecord>> {
+        Ok(self.store.runs(id).await?)
+    }
+
+    pub async fn run(&self, id: &ThreadId, run_id: &str) -> Result<RunRecord> {
+        Ok(self.store.run(id, run_id).await?)
+    }
+
+    /// Store and (in buffered mode) NATS reachability, for `/readyz`.
+    pub async fn ready(&self) -> Result<()> {
+        self.store.ping().await?;
+        if let Some(b) = &self.buffer {
+            b.ping().await?;
+        }
+        Ok(())
+    }
+}
+
+impl From<Error> for crate::http::error::ApiError {
+    fn from(e: Error) -> Self {
+        use crate::http::error::ApiError;
+        match e {
+            Error::Store(e) => e.into(),
+            Error::LogUnavailable(why) => {
+                tracing::warn!(%why, "message log unavailable");
+                ApiError::Unavailable("the message log (NATS)")
+            }
+            Error::TooLarge { limit, .. } => ApiError::PayloadTooLarge { limit },
+            Error::FoldBlocked(why) => ApiError::FoldBlocked(why),
+        }
+    }
+}
