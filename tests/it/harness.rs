@@ -231,3 +231,103 @@ impl Process {
         assert!(status.success(), "clean exit after SIGTERM: {status}");
     }
 }
+
+/// The shared NATS server for tests (`THREADGATE_TEST_NATS_URL`, default the local one).
+pub fn nats_url() -> String {
+    std::env::var("THREADGATE_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+/// A stream/subject prefix of a test's own, so tests share one NATS without seeing each other.
+pub fn nats_prefix() -> String {
+    format!("t{}", uuid::Uuid::now_v7().simple())
+}
+
+/// A nats-server of a test's own (for tests that stop it), on a free port with a temp store.
+pub struct NatsServer {
+    pub port: u16,
+    dir: TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl NatsServer {
+    pub async fn start() -> NatsServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut s = NatsServer {
+            port,
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        s.restart().await;
+        s
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (again) on the same port and store directory; waits until it accepts.
+    pub async fn restart(&mut self) {
+        let bin = std::env::var("THREADGATE_TEST_NATS_BIN")
+            .unwrap_or_else(|_| "/usr/sbin/nats-server".into());
+        let child = std::process::Command::new(&bin)
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(self.dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin} (set THREADGATE_TEST_NATS_BIN): {e}"));
+        self.child = Some(child);
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("nats-server did not start on port {}", self.port);
+    }
+
+    /// Kills the server (SIGKILL) and waits for it to exit.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl Gateway {
+    /// A gateway in buffered mode on `nats` (URL) with its own prefix, over `backend`.
+    pub async fn start_buffered(
+        backend: Backend,
+        nats: &str,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
+        let nats = nats.to_owned();
+        Self::start_with(backend, move |c| {
+            c.nats_url = Some(nats);
+            c.nats_prefix = nats_prefix();
+            tweak(c);
+        })
+        .await
+    }
+}
