@@ -65,9 +65,15 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         }
         None => None,
     };
+    let mut registry = prometheus_client::registry::Registry::default();
+    if let Some(b) = &buffer {
+        b.counters.register(&mut registry);
+    }
     let writer = Arc::new(Writer::new(store, buffer.clone()));
+    writer.register_metrics(&mut registry);
     let state = AppState {
         writer,
+        metrics: Arc::new(registry),
         max_body: config.max_body,
     };
     let listener = tokio::net::TcpListener::bind(config.listen).await?;

@@ -23,10 +23,11 @@ use crate::store::{
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer, context::PublishErrorKind, stream};
 use futures::StreamExt;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
@@ -119,15 +120,47 @@ struct Head {
     state: Value,
 }
 
-/// Counters exported as metrics.
+/// Counters exported at `/metrics`.
 #[derive(Debug, Default)]
 pub struct Counters {
-    pub appends: AtomicU64,
-    pub folds: AtomicU64,
-    pub folded_entries: AtomicU64,
-    pub fold_failures: AtomicU64,
-    pub dead_letters: AtomicU64,
-    pub cas_retries: AtomicU64,
+    pub appends: Counter,
+    pub folds: Counter,
+    pub folded_entries: Counter,
+    pub fold_failures: Counter,
+    pub dead_letters: Counter,
+    pub cas_retries: Counter,
+}
+
+impl Counters {
+    pub fn register(&self, registry: &mut Registry) {
+        let c = |c: &Counter| c.clone();
+        registry.register(
+            "threadgate_buffered_appends",
+            "Writes published to the log",
+            c(&self.appends),
+        );
+        registry.register("threadgate_folds", "Completed folds", c(&self.folds));
+        registry.register(
+            "threadgate_folded_entries",
+            "Log entries applied to the store by folds",
+            c(&self.folded_entries),
+        );
+        registry.register(
+            "threadgate_fold_failures",
+            "Folds that failed and will be retried",
+            c(&self.fold_failures),
+        );
+        registry.register(
+            "threadgate_dead_letters",
+            "Undecodable log messages set aside",
+            c(&self.dead_letters),
+        );
+        registry.register(
+            "threadgate_cas_retries",
+            "Appends retried after losing a compare-and-set race",
+            c(&self.cas_retries),
+        );
+    }
 }
 
 /// Why a fold stopped.
@@ -303,7 +336,7 @@ impl Buffer {
         if !first_time {
             return;
         }
-        self.counters.dead_letters.fetch_add(1, Ordering::Relaxed);
+        self.counters.dead_letters.inc();
         tracing::error!(thread = %id, seq, %why, "undecodable log message set aside");
         let mut h = headers.unwrap_or_default();
         h.insert("Tg-Original-Seq", seq.to_string().as_str());
@@ -426,14 +459,14 @@ impl Buffer {
                             state,
                         }),
                     );
-                    self.counters.appends.fetch_add(1, Ordering::Relaxed);
+                    self.counters.appends.inc();
                     return Ok(Appended {
                         version,
                         replayed: false,
                     });
                 }
                 Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
-                    self.counters.cas_retries.fetch_add(1, Ordering::Relaxed);
+                    self.counters.cas_retries.inc();
                     fresh = true;
                 }
                 Err(e) => {
@@ -477,7 +510,8 @@ impl Buffer {
     }
 
     /// Before a create: clears what a deleted thread of the same id left in the log.
-    pub async fn prepare_create(&self, id: &ThreadId) -> Result<()> {
+    /// Returns whether the subject is now empty (so a fresh head can be cached).
+    pub async fn prepare_create(&self, id: &ThreadId) -> Result<bool> {
         self.remember(id, None);
         match self
             .stream
@@ -492,16 +526,29 @@ impl Buffer {
                 if deleted {
                     self.purge(id, None).await?;
                 }
-                Ok(())
+                Ok(deleted)
             }
             Err(e)
                 if e.kind()
                     == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
             {
-                Ok(())
+                Ok(true)
             }
             Err(e) => Err(log_err(e)),
         }
+    }
+
+    /// Caches the head of a thread just created on an empty subject, so its first appends
+    /// need only NATS (not even the store).
+    pub fn created(&self, id: &ThreadId, state: Value) {
+        self.remember(
+            id,
+            Some(Head {
+                seq: 0,
+                version: 0,
+                state,
+            }),
+        );
     }
 
     /// Removes the thread's messages with sequence below `before` (all when `None`).
@@ -528,10 +575,8 @@ impl Buffer {
         let result = self.fold_locked(id).await;
         match &result {
             Ok(r) => {
-                self.counters.folds.fetch_add(1, Ordering::Relaxed);
-                self.counters
-                    .folded_entries
-                    .fetch_add(r.applied, Ordering::Relaxed);
+                self.counters.folds.inc();
+                self.counters.folded_entries.inc_by(r.applied);
                 let _ = self
                     .client
                     .publish(
@@ -544,7 +589,7 @@ impl Buffer {
             }
             Err(Error::Store(StoreError::NotFound)) => {}
             Err(e) => {
-                self.counters.fold_failures.fetch_add(1, Ordering::Relaxed);
+                self.counters.fold_failures.inc();
                 tracing::warn!(thread = %id, error = %e, "fold failed; the tail stays buffered");
             }
         }

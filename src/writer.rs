@@ -13,6 +13,7 @@ use crate::store::{
     Appended, DynStore, Expect, IdempotencyKey, ListPage, ListQuery, MessagePage, MessageQuery,
     RunRecord, Snapshot, StoreError,
 };
+use prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
 use serde_json::Value;
 use std::sync::Arc;
@@ -45,11 +46,24 @@ pub struct AppendOutcome {
 pub struct Writer {
     store: DynStore,
     buffer: Option<Arc<Buffer>>,
+    appends: Counter,
 }
 
 impl Writer {
     pub fn new(store: DynStore, buffer: Option<Arc<Buffer>>) -> Self {
-        Writer { store, buffer }
+        Writer {
+            store,
+            buffer,
+            appends: Counter::default(),
+        }
+    }
+
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "threadgate_appends",
+            "Accepted delta appends",
+            self.appends.clone(),
+        );
     }
 
     pub fn store(&self) -> &DynStore {
@@ -61,15 +75,22 @@ impl Writer {
     }
 
     pub async fn create(&self, id: &ThreadId, thread: Thread) -> Result<Snapshot> {
-        if let Some(b) = &self.buffer {
-            // A duplicate create must not touch the existing thread's buffered tail.
-            match self.store.version(id).await {
-                Ok(_) => return Err(StoreError::AlreadyExists.into()),
-                Err(StoreError::NotFound) => b.prepare_create(id).await?,
-                Err(e) => return Err(e.into()),
-            }
+        let Some(b) = &self.buffer else {
+            return Ok(self.store.create(id, thread).await?);
+        };
+        // A duplicate create must not touch the existing thread's buffered tail.
+        let empty = match self.store.version(id).await {
+            Ok(_) => return Err(StoreError::AlreadyExists.into()),
+            Err(StoreError::NotFound) => b.prepare_create(id).await?,
+            Err(e) => return Err(e.into()),
+        };
+        let snap = self.store.create(id, thread).await?;
+        if empty
+            && let Ok(state) = crate::model::rebuild_state(&snap.thread.state, &snap.thread.patches)
+        {
+            b.created(id, state);
         }
-        Ok(self.store.create(id, thread).await?)
+        Ok(snap)
     }
 
     pub async fn append(
@@ -81,6 +102,7 @@ impl Writer {
     ) -> Result<AppendOutcome> {
         let Some(b) = &self.buffer else {
             let appended = self.store.append(id, &delta, expect, idempotency).await?;
+            self.appends.inc();
             return Ok(AppendOutcome {
                 appended,
                 flushed: None,
@@ -90,6 +112,7 @@ impl Writer {
         let appended = b
             .write(id, Entry::Delta(delta), expect, idempotency)
             .await?;
+        self.appends.inc();
         let flushed = if finished {
             let fold = tokio::time::timeout(FOLD_ON_FINISH_TIMEOUT, b.fold(id)).await;
             Some(matches!(fold, Ok(Ok(r)) if r.version >= appended.version))

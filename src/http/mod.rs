@@ -21,6 +21,8 @@ use utoipa::{OpenApi, ToSchema};
 #[derive(Clone)]
 pub struct AppState {
     pub writer: Arc<Writer>,
+    /// Prometheus metrics served at `/metrics`.
+    pub metrics: Arc<prometheus_client::registry::Registry>,
     /// Largest accepted request body, in bytes.
     pub max_body: usize,
 }
@@ -67,6 +69,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(TraceLayer::new_for_http())
@@ -102,6 +105,22 @@ async fn openapi() -> Response {
         openapi_json(),
     )
         .into_response()
+}
+
+async fn metrics(
+    axum::extract::State(app): axum::extract::State<AppState>,
+) -> Result<Response, ApiError> {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &app.metrics)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
 }
 
 async fn not_found() -> ApiError {

@@ -1,6 +1,7 @@
 //! Integration tests: one binary, one shared harness ([`harness`]), real PostgreSQL and real
 //! HTTP. Behaviour suites run against every backend.
 
+mod buffered;
 mod cookbook;
 mod file_store;
 mod harness;
