@@ -3,7 +3,7 @@
 
 use crate::harness::{Backend, Gateway, NatsServer, delta_msg, enc, expect_problem, nats_url};
 use crate::pg::PgSchema;
-use crate::proxy::Proxy;
+use crate::proxy::postgres_via_proxy;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -521,20 +521,8 @@ async fn nats_outage_is_503_and_recovers() {
 #[tokio::test]
 async fn store_outage_during_fold_loses_nothing() {
     let schema = PgSchema::create().await;
-    let url = url::Url::parse(&schema.url()).unwrap();
-    let target = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432));
-    let proxy = Proxy::start(
-        tokio::net::lookup_host(target)
-            .await
-            .unwrap()
-            .next()
-            .unwrap(),
-    )
-    .await;
-    let mut via = url.clone();
-    via.set_host(Some("127.0.0.1")).unwrap();
-    via.set_port(Some(proxy.addr.port())).unwrap();
-    let mut config = Config::for_tests(via.as_str());
+    let (proxy, via) = postgres_via_proxy(&schema.url()).await;
+    let mut config = Config::for_tests(&via);
     config.nats_url = Some(nats_url());
     config.nats_prefix = crate::harness::nats_prefix();
     config.fold_idle = Duration::from_millis(200);

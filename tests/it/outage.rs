@@ -2,7 +2,7 @@
 
 use crate::harness::{Gateway, delta_msg, expect_problem};
 use crate::pg::PgSchema;
-use crate::proxy::Proxy;
+use crate::proxy::postgres_via_proxy;
 use reqwest::StatusCode;
 use serde_json::json;
 use threadgate::config::Config;
@@ -10,20 +10,8 @@ use threadgate::config::Config;
 #[tokio::test]
 async fn postgres_outage_is_503_and_loses_nothing() {
     let schema = PgSchema::create().await;
-    let url = url::Url::parse(&schema.url()).unwrap();
-    let target = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432));
-    let proxy = Proxy::start(
-        tokio::net::lookup_host(target)
-            .await
-            .unwrap()
-            .next()
-            .unwrap(),
-    )
-    .await;
-    let mut via = url.clone();
-    via.set_port(Some(proxy.addr.port())).unwrap();
-    via.set_host(Some("127.0.0.1")).unwrap();
-    let gw = Gateway::start_config(Config::for_tests(via.as_str()), None, Some(schema)).await;
+    let (proxy, via) = postgres_via_proxy(&schema.url()).await;
+    let gw = Gateway::start_config(Config::for_tests(&via), None, Some(schema)).await;
 
     gw.create(json!({"id": "t"})).await;
     assert_eq!(

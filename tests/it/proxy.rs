@@ -57,3 +57,19 @@ impl Proxy {
         self.up.store(true, Ordering::SeqCst);
     }
 }
+
+/// A proxy in front of the PostgreSQL server that `url` names, and the same URL pointed at
+/// the proxy: a gateway using it sees the real database until [`Proxy::cut`].
+pub async fn postgres_via_proxy(url: &str) -> (Proxy, String) {
+    let mut url = url::Url::parse(url).unwrap();
+    let target = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432));
+    let addr = tokio::net::lookup_host(target)
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let proxy = Proxy::start(addr).await;
+    url.set_host(Some("127.0.0.1")).unwrap();
+    url.set_port(Some(proxy.addr.port())).unwrap();
+    (proxy, url.to_string())
+}
