@@ -43,6 +43,8 @@ const FOLD_CHUNK: usize = 1_000;
 const MAX_CAS_ATTEMPTS: usize = 32;
 /// Retries of a head refresh that raced a concurrent fold.
 const MAX_REFRESH_ATTEMPTS: usize = 8;
+/// Idle per-thread locks are pruned once this many exist (pruning scans them all).
+const PRUNE_LOCKS_ABOVE: usize = 1_024;
 /// Longest back-off between failed fold attempts of one thread.
 const MAX_FOLD_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -180,7 +182,10 @@ pub struct Buffer {
     store: DynStore,
     heads: Mutex<HashMap<ThreadId, Head>>,
     /// Serialises folds of one thread within this process (other replicas are safe anyway).
-    fold_locks: Mutex<HashMap<ThreadId, Arc<tokio::sync::Mutex<()>>>>,
+    fold_locks: KeyedLocks,
+    /// Serialises this process's writes to one thread, so local writers queue instead of
+    /// racing each other's compare-and-set (only other replicas can make a publish retry).
+    write_locks: KeyedLocks,
     /// Stream sequences already set aside by this process (count and copy each once).
     dead_seen: Mutex<std::collections::HashSet<u64>>,
     max_payload: usize,
@@ -234,7 +239,8 @@ impl Buffer {
             prefix: config.prefix.clone(),
             store,
             heads: Mutex::new(HashMap::new()),
-            fold_locks: Mutex::new(HashMap::new()),
+            fold_locks: KeyedLocks::default(),
+            write_locks: KeyedLocks::default(),
             dead_seen: Mutex::new(Default::default()),
             max_payload,
             fold_idle: config.fold_idle,
@@ -411,6 +417,8 @@ impl Buffer {
                 limit,
             });
         }
+        let lock = self.write_locks.get(id);
+        let _guard = lock.lock().await;
         let mut fresh = false;
         for _ in 0..MAX_CAS_ATTEMPTS {
             let head = self.head(id, fresh).await?;
@@ -562,15 +570,9 @@ impl Buffer {
         .map_err(log_err)
     }
 
-    fn fold_lock(&self, id: &ThreadId) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.fold_locks.lock().unwrap_or_else(|p| p.into_inner());
-        locks.retain(|_, l| Arc::strong_count(l) > 1);
-        locks.entry(id.clone()).or_default().clone()
-    }
-
     /// Folds the thread's buffered tail into the store, exactly once, then trims the log.
     pub async fn fold(&self, id: &ThreadId) -> Result<FoldReport> {
-        let lock = self.fold_lock(id);
+        let lock = self.fold_locks.get(id);
         let _guard = lock.lock().await;
         let result = self.fold_locked(id).await;
         match &result {
@@ -788,6 +790,20 @@ impl Buffer {
     /// The snapshot the store has (the default read view).
     pub async fn stored(&self, id: &ThreadId) -> Result<Snapshot> {
         Ok(self.store.get(id).await?)
+    }
+}
+
+/// One async mutex per thread id, dropped when nobody holds or waits for it.
+#[derive(Default)]
+struct KeyedLocks(Mutex<HashMap<ThreadId, Arc<tokio::sync::Mutex<()>>>>);
+
+impl KeyedLocks {
+    fn get(&self, id: &ThreadId) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if locks.len() > PRUNE_LOCKS_ABOVE {
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        locks.entry(id.clone()).or_default().clone()
     }
 }
 
