@@ -3,6 +3,7 @@
 
 use crate::buffer::{Buffer, BufferConfig};
 use crate::config::{Config, LogFormat};
+use crate::live::{Hub, LiveConfig};
 use crate::writer::Writer;
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,7 +70,17 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
     if let Some(b) = &buffer {
         b.counters.register(&mut registry);
     }
-    let writer = Arc::new(Writer::new(store, buffer.clone()));
+    let hub = Hub::new(
+        store.clone(),
+        buffer.clone(),
+        shutdown.clone(),
+        LiveConfig {
+            keepalive: config.sse_keepalive,
+            channel_capacity: config.sse_buffer,
+        },
+    );
+    hub.metrics.register(&mut registry);
+    let writer = Arc::new(Writer::new(store, buffer.clone(), hub));
     writer.register_metrics(&mut registry);
     let state = AppState {
         writer,

@@ -38,6 +38,15 @@ pub struct Config {
     #[arg(long, env = "THREADGATE_FOLD_IDLE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub fold_idle: std::time::Duration,
 
+    /// Idle SSE streams get a keep-alive comment carrying the version they reached this often.
+    #[arg(long, env = "THREADGATE_SSE_KEEPALIVE", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub sse_keepalive: std::time::Duration,
+
+    /// Live events buffered per thread for subscribers that fall behind; one that falls
+    /// further is caught up from the store and the log (or sent `reset`) when it resumes.
+    #[arg(long, env = "THREADGATE_SSE_BUFFER", default_value_t = crate::live::DEFAULT_CHANNEL_CAPACITY)]
+    pub sse_buffer: usize,
+
     /// Log line format.
     #[arg(long, env = "THREADGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -107,5 +116,6 @@ mod tests {
         assert_eq!(c.store, "file:./data");
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(c.max_body, 4 << 20);
+        assert_eq!(c.sse_keepalive, std::time::Duration::from_secs(15));
     }
 }

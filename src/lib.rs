@@ -8,6 +8,7 @@ pub mod buffer;
 pub mod config;
 pub mod http;
 pub mod id;
+pub mod live;
 pub mod model;
 pub mod store;
 pub mod writer;

@@ -5,9 +5,14 @@
 //! ([`crate::buffer`]) and are folded into the store at run end, on flush, when idle, at
 //! start-up and at shutdown. Reads default to the store's snapshot (which says the version
 //! it reflects); `view=live` merges the buffered tail.
+//!
+//! Live events: in direct mode every committed store write is reported to the
+//! [`crate::live::Hub`] here; in buffered mode the hub reads the log from NATS itself, so any
+//! replica's writes reach every replica's subscribers.
 
 use crate::buffer::{Buffer, Entry, Error, FoldReport, Result};
 use crate::id::ThreadId;
+use crate::live::{Hub, LiveChange};
 use crate::model::{ChangeSet, Extra, Reason, Thread};
 use crate::store::{
     Appended, DynStore, Expect, IdempotencyKey, ListPage, ListQuery, MessagePage, MessageQuery,
@@ -47,15 +52,21 @@ pub struct Writer {
     store: DynStore,
     buffer: Option<Arc<Buffer>>,
     appends: Counter,
+    hub: Arc<Hub>,
 }
 
 impl Writer {
-    pub fn new(store: DynStore, buffer: Option<Arc<Buffer>>) -> Self {
+    pub fn new(store: DynStore, buffer: Option<Arc<Buffer>>, hub: Arc<Hub>) -> Self {
         Writer {
             store,
             buffer,
             appends: Counter::default(),
+            hub,
         }
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
     }
 
     pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
@@ -102,6 +113,10 @@ impl Writer {
     ) -> Result<AppendOutcome> {
         let Some(b) = &self.buffer else {
             let appended = self.store.append(id, &delta, expect, idempotency).await?;
+            if !appended.replayed {
+                self.hub
+                    .publish(id, appended.version, LiveChange::Delta(&delta));
+            }
             self.appends.inc();
             return Ok(AppendOutcome {
                 appended,
@@ -124,7 +139,12 @@ impl Writer {
 
     pub async fn replace(&self, id: &ThreadId, thread: Thread, expect: Expect) -> Result<u64> {
         match &self.buffer {
-            None => Ok(self.store.replace(id, thread, expect).await?),
+            None => {
+                let saved = thread.clone();
+                let version = self.store.replace(id, thread, expect).await?;
+                self.hub.publish(id, version, LiveChange::Replace(&saved));
+                Ok(version)
+            }
             Some(b) => Ok(b
                 .write(id, Entry::Replace(thread), expect, None)
                 .await?
@@ -140,7 +160,11 @@ impl Writer {
     ) -> Result<u64> {
         crate::store::strip_server_metadata(&mut patch);
         match &self.buffer {
-            None => Ok(self.store.patch_metadata(id, patch, expect).await?),
+            None => {
+                let version = self.store.patch_metadata(id, patch.clone(), expect).await?;
+                self.hub.publish(id, version, LiveChange::Metadata(&patch));
+                Ok(version)
+            }
             Some(b) => Ok(b
                 .write(id, Entry::Metadata(patch), expect, None)
                 .await?
@@ -150,7 +174,11 @@ impl Writer {
 
     pub async fn delete(&self, id: &ThreadId, expect: Expect) -> Result<()> {
         match &self.buffer {
-            None => Ok(self.store.delete(id, expect).await?),
+            None => {
+                self.store.delete(id, expect).await?;
+                self.hub.publish_deleted(id);
+                Ok(())
+            }
             Some(b) => b.delete(id, expect).await,
         }
     }

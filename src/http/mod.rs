@@ -4,6 +4,7 @@
 //! shape the answer. All errors go through [`error::ApiError`].
 
 pub mod error;
+pub mod events;
 pub mod extract;
 pub mod threads;
 
@@ -33,9 +34,10 @@ pub struct AppState {
     paths(
         threads::create, threads::list, threads::get, threads::replace, threads::patch_metadata,
         threads::delete, threads::append, threads::messages, threads::state, threads::runs,
-        threads::run, threads::flush, healthz, readyz
+        threads::run, threads::flush, events::events, healthz, readyz
     ),
-    components(schemas(error::Problem, Health)),
+    components(schemas(error::Problem, Health, crate::live::DeltaEvent, crate::live::SnapshotEvent,
+        crate::live::MetadataEvent, crate::live::FlushedEvent, crate::live::ResetEvent, crate::live::DeletedEvent)),
     tags((name = "threads"), (name = "runs"), (name = "ops"))
 )]
 pub struct ApiDoc;
@@ -62,6 +64,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/threads/{id}/deltas", post(threads::append))
         .route("/v1/threads/{id}/flush", post(threads::flush))
+        .route("/v1/threads/{id}/events", get(events::events))
         .route("/v1/threads/{id}/messages", get(threads::messages))
         .route("/v1/threads/{id}/state", get(threads::state))
         .route("/v1/threads/{id}/runs", get(threads::runs))

@@ -3,9 +3,11 @@
 
 mod buffered;
 mod cookbook;
+mod crash;
 mod file_store;
 mod harness;
 mod http_api;
+mod live;
 mod outage;
 mod pg;
 mod proxy;

@@ -1,0 +1,112 @@
+//! `GET /v1/threads/{id}/events`: the thread's live stream as Server-Sent Events.
+//!
+//! The handler only parses the position and asks the [`crate::live::Hub`] for the stream; 404
+//! and 503 are answered before any event.
+//!
+//! Position: `after` and `Last-Event-ID` both mean "I have everything up to here", so when both
+//! are sent the later one wins. That is what makes a browser's `EventSource` resume
+//! correctly: its automatic reconnect repeats the original URL (with the `after=` the page
+//! opened it with) and adds `Last-Event-ID` with the last id it received; letting the query
+//! win would replay everything since the page loaded and double the text.
+
+use super::AppState;
+use super::error::{ApiError, Problem};
+use super::extract::{PathId, QueryParams};
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderValue, header, request::Parts};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use utoipa::IntoParams;
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct EventsParams {
+    /// Continue after this version (the `version` of a snapshot you loaded, or the last event
+    /// `id` you applied). With `Last-Event-ID` too, the later of the two is used (a browser's
+    /// reconnect keeps the URL and adds the header). Without either, the stream starts at the
+    /// current head (or with a snapshot, see `snapshot`).
+    pub after: Option<u64>,
+    /// `true`: without a position, the first event is a `snapshot` of the thread (live view)
+    /// with `id: <its version>`; with a position that can no longer be replayed, a fresh
+    /// `snapshot` is sent instead of `reset` and the stream goes on.
+    pub snapshot: Option<bool>,
+}
+
+/// The `Last-Event-ID` header a browser's `EventSource` sends when it reconnects.
+pub struct LastEventId(pub Option<u64>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for LastEventId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let Some(v) = parts.headers.get("last-event-id") else {
+            return Ok(LastEventId(None));
+        };
+        let s = v.to_str().unwrap_or("\u{0}").trim();
+        if s.is_empty() {
+            return Ok(LastEventId(None));
+        }
+        s.parse()
+            .map(|v| LastEventId(Some(v)))
+            .map_err(|_| ApiError::InvalidHeader {
+                header: "Last-Event-ID",
+                message: "must be a version (an event id sent by this stream)".into(),
+            })
+    }
+}
+
+/// The stream's description in the OpenAPI document.
+const STREAM_DOC: &str = "A `text/event-stream`. Every event that a write produced carries \
+`id: <version>`, so the browser's automatic reconnect (which sends `Last-Event-ID`) resumes \
+exactly after the last event received, with no gap and no duplicate, whichever replica serves \
+it and whether the versions are still buffered or already folded. Events (data is one JSON \
+object): `delta` (DeltaEvent), `snapshot` (SnapshotEvent: first event with `?snapshot=true`, \
+and after a full save), `metadata` (MetadataEvent), `flushed` (FlushedEvent, buffered mode, \
+no id), `reset` (ResetEvent, no id: the position is older than what can be replayed; refetch \
+the snapshot and reconnect; the stream ends), `deleted` (DeletedEvent, no id; the stream ends). \
+Idle streams get a comment `: keep-alive <version>` (every 15 s by default) carrying the \
+version the stream has reached. The stream follows the thread across runs until the thread is \
+deleted, the client leaves, or the server shuts down.";
+
+#[utoipa::path(get, path = "/v1/threads/{id}/events", tag = "threads",
+    params(("id" = String, Path, description = "Thread id"), EventsParams,
+        ("Last-Event-ID" = Option<String>, Header, description = "The last event id received (sent by EventSource on reconnect); the later of this and `after` is used")),
+    responses(
+        (status = 200, description = STREAM_DOC, content_type = "text/event-stream", body = String),
+        (status = 400, description = "Malformed `after` (invalid_query) or `Last-Event-ID` (invalid_header)", body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 503, body = Problem, content_type = "application/problem+json")))]
+pub async fn events(
+    State(app): State<AppState>,
+    PathId(id): PathId,
+    QueryParams(p): QueryParams<EventsParams>,
+    LastEventId(last): LastEventId,
+) -> Result<Response, ApiError> {
+    let cursor = match (p.after, last) {
+        (Some(a), Some(l)) => Some(a.max(l)),
+        (a, l) => a.or(l),
+    };
+    let stream = app
+        .writer
+        .hub()
+        .open(id, cursor, p.snapshot.unwrap_or(false))
+        .await?;
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+            // Reverse proxies (nginx) must pass events through as they come.
+            (
+                header::HeaderName::from_static("x-accel-buffering"),
+                HeaderValue::from_static("no"),
+            ),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
