@@ -248,6 +248,11 @@ impl Buffer {
         }))
     }
 
+    /// The JetStream stream holding every thread's log.
+    pub fn stream_name(&self) -> String {
+        format!("{}_log", self.prefix)
+    }
+
     pub fn subject(&self, id: &ThreadId) -> String {
         format!("{}.log.{}", self.prefix, id.encoded())
     }
@@ -825,7 +830,8 @@ fn next_state(state: &Value, entry: &Entry, id: &ThreadId) -> Result<Value> {
     })
 }
 
-fn decode(
+/// Decodes a log message: its version header, entry and idempotency key.
+pub fn decode(
     headers: Option<&HeaderMap>,
     payload: &[u8],
 ) -> std::result::Result<(u64, Entry, Option<IdempotencyKey>), String> {

@@ -35,7 +35,7 @@
 //! the subscriber has reached (`: keep-alive 42`). Streams end when the shutdown token is
 //! cancelled, so graceful shutdown never waits on them.
 
-use crate::buffer::{Buffer, Entry, Error, LogMsg};
+use crate::buffer::{Buffer, Entry, Error, LogMsg, decode};
 use crate::id::ThreadId;
 use crate::model::{ChangeSet, Extra, Thread};
 use crate::store::{Change, DynStore, HISTORY_LIMIT, HistoryEntry, StoreError};
@@ -75,7 +75,6 @@ const UPSTREAM_CHECK: Duration = Duration::from_secs(1);
 /// How long a topic's NATS upstream may take to start before subscribers get 503.
 const UPSTREAM_START_TIMEOUT: Duration = Duration::from_secs(10);
 /// Log message header carrying the version (see [`crate::buffer`]).
-const H_VERSION: &str = "Tg-Version";
 
 #[derive(Debug, Clone, Copy)]
 pub struct LiveConfig {
@@ -402,13 +401,7 @@ impl Hub {
         shutdown: CancellationToken,
         config: LiveConfig,
     ) -> Arc<Self> {
-        // The stream is `<prefix>_log` and a subject is `<prefix>.log.<id>`; prefixes hold no
-        // `.`, so the first subject token is the prefix.
-        let log_stream = buffer.as_ref().map(|b| {
-            let probe = ThreadId::parse("x").expect("a valid id");
-            let subject = b.subject(&probe);
-            format!("{}_log", subject.split('.').next().unwrap_or_default())
-        });
+        let log_stream = buffer.as_ref().map(|b| b.stream_name());
         Arc::new(Hub {
             store,
             buffer,
@@ -609,7 +602,7 @@ impl Hub {
                         if let Ok(info) = msg.info() {
                             last_seq = last_seq.max(info.stream_sequence);
                         }
-                        match decode(msg.headers.as_ref(), &msg.payload) {
+                        match decode(msg.headers.as_ref(), &msg.payload).map(|(v, e, _)| (v, e)) {
                             Ok((version, entry)) => {
                                 let item = entry_item(&id, version, &entry);
                                 if item.kind == Kind::Deleted {
@@ -693,6 +686,7 @@ impl Hub {
         {
             Ok(m) => Some(
                 decode(Some(&m.headers), &m.payload)
+                    .map(|(v, e, _)| (v, e))
                     .map_err(|why| Error::FoldBlocked(format!("thread {id}: {why}")))?,
             ),
             Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
@@ -871,16 +865,6 @@ fn finish(items: Vec<Arc<Item>>, head: u64, next: u64) -> Replay {
         head,
         complete,
     }
-}
-
-/// Decodes a log message's version header and entry.
-fn decode(headers: Option<&async_nats::HeaderMap>, payload: &[u8]) -> Result<(u64, Entry), String> {
-    let version = headers
-        .and_then(|h| h.get(H_VERSION))
-        .and_then(|v| v.as_str().parse::<u64>().ok())
-        .ok_or("no valid Tg-Version header")?;
-    let entry = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
-    Ok((version, entry))
 }
 
 /// One SSE client.
