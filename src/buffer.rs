@@ -429,6 +429,13 @@ impl Buffer {
             let head = self.head(id, fresh).await?;
             if let Err(e) = expect.check(head.version) {
                 if fresh {
+                    // A retry of a write that already landed moved the version itself: the
+                    // key, not the precondition, decides (as in direct mode).
+                    if let Some(key) = idempotency
+                        && let Some(first) = self.find_key(id, key).await?
+                    {
+                        return Ok(first);
+                    }
                     return Err(e.into());
                 }
                 fresh = true;
@@ -491,6 +498,29 @@ impl Buffer {
         Err(Error::LogUnavailable(format!(
             "thread {id}: too much write contention, retry"
         )))
+    }
+
+    /// The earlier write with this idempotency key still in the log (the duplicate window's
+    /// worth is kept), answered as a replay.
+    async fn find_key(&self, id: &ThreadId, key: &IdempotencyKey) -> Result<Option<Appended>> {
+        let log = self.read_log(id).await?;
+        let Some(first) = log
+            .iter()
+            .find(|m| m.idempotency.as_ref().is_some_and(|k| k.key == key.key))
+        else {
+            return Ok(None);
+        };
+        if first
+            .idempotency
+            .as_ref()
+            .is_some_and(|k| k.fingerprint != key.fingerprint)
+        {
+            return Err(StoreError::IdempotencyKeyReused.into());
+        }
+        Ok(Some(Appended {
+            version: first.version,
+            replayed: true,
+        }))
     }
 
     /// Answers a JetStream duplicate with the version the first request produced.

@@ -1220,7 +1220,6 @@ async fn replaying_a_folded_log_applies_nothing_twice() {
 /// must answer the first result (200, `Idempotent-Replayed`), not 412, or the client
 /// concludes it lost a race its write actually won.
 #[tokio::test]
-#[ignore = "bug: buffered Buffer::write checks If-Match before the Idempotency-Key, so the retry answers 412 (direct mode replays)"]
 async fn conditional_retry_of_a_landed_append_is_replayed() {
     let (gw, prefix) = pg_gateway(Duration::from_secs(3600)).await;
     gw.create(json!({"id": "t"})).await;
