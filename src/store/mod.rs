@@ -393,3 +393,48 @@ pub fn prepare_thread(id: &ThreadId, thread: &mut Thread) -> Result<Value> {
         }
     })
 }
+
+/// A folded log entry checked and ready to apply.
+pub(crate) enum Prepared<'a> {
+    Delta(&'a ChangeSet),
+    /// The prepared thread and its current state.
+    Replace(Thread, Value),
+    /// The patch with server keys dropped.
+    Metadata(Extra),
+}
+
+/// The entries of a batch above `watermark`, each checked before anything is written: the
+/// versions must continue the watermark without a gap and full threads must validate. Every
+/// backend calls this, so all of them reject the same batches with the same error.
+pub(crate) fn prepare_batch<'a>(
+    id: &ThreadId,
+    entries: &'a [Folded],
+    watermark: u64,
+) -> Result<Vec<(&'a Folded, Prepared<'a>)>> {
+    let pending = entries.iter().filter(|e| e.version > watermark);
+    let mut out = Vec::new();
+    for (n, entry) in pending.enumerate() {
+        let want = watermark + 1 + n as u64;
+        if entry.version != want {
+            return Err(StoreError::Internal(format!(
+                "gap in folded log: expected version {want}, got {}",
+                entry.version
+            )));
+        }
+        let prepared = match &entry.change {
+            Change::Delta(delta) => Prepared::Delta(delta),
+            Change::Replace(thread) => {
+                let mut thread = thread.clone();
+                let state = prepare_thread(id, &mut thread)?;
+                Prepared::Replace(thread, state)
+            }
+            Change::Metadata(patch) => {
+                let mut patch = patch.clone();
+                strip_server_metadata(&mut patch);
+                Prepared::Metadata(patch)
+            }
+        };
+        out.push((entry, prepared));
+    }
+    Ok(out)
+}

@@ -25,8 +25,8 @@
 
 use super::{
     Appended, Change, Expect, Folded, HISTORY_LIMIT, History, HistoryEntry, IDEMPOTENCY_KEYS_KEPT,
-    IdempotencyKey, ListPage, ListQuery, MessagePage, MessageQuery, Order, Result, RunRecord,
-    Snapshot, Store, StoreError, ThreadSummary, VisibilityFilter, now_ms,
+    IdempotencyKey, ListPage, ListQuery, MessagePage, MessageQuery, Order, Prepared, Result,
+    RunRecord, Snapshot, Store, StoreError, ThreadSummary, VisibilityFilter, now_ms,
 };
 use crate::id::ThreadId;
 use crate::model::{ChangeSet, Extra, Message, RunMeta, Thread, TrackedPatch, Visibility};
@@ -296,11 +296,12 @@ async fn record_history(
         .execute(&mut *conn)
         .await
         .map_err(db_err)?;
-    // Versions are contiguous, so keeping the last HISTORY_LIMIT versions keeps exactly
-    // HISTORY_LIMIT entries.
+    // Versions are contiguous and every write records one entry, so dropping exactly the
+    // version that falls out keeps exactly HISTORY_LIMIT entries. (`version <= $2` would
+    // walk every dead index entry below it on each write: quadratic in a long fold.)
     let oldest_dropped = i(version)? - HISTORY_LIMIT as i64;
     if oldest_dropped > 0 {
-        sqlx::query("DELETE FROM history WHERE thread_id = $1 AND version <= $2")
+        sqlx::query("DELETE FROM history WHERE thread_id = $1 AND version = $2")
             .bind(id)
             .bind(oldest_dropped)
             .execute(&mut *conn)
@@ -512,15 +513,6 @@ async fn trim_keys(conn: &mut PgConnection, id: &str) -> Result<()> {
     .await
     .map_err(db_err)?;
     Ok(())
-}
-
-/// A folded entry, validated before anything is written.
-enum Prepared<'a> {
-    Delta(&'a ChangeSet),
-    /// The prepared thread and its current state.
-    Replace(Thread, Value),
-    /// The patch with server keys dropped.
-    Metadata(Extra),
 }
 
 // ---------------------------------------------------------------------------------------
@@ -847,42 +839,15 @@ impl Store for PostgresStore {
         let tid = id.as_str();
         let mut tx = self.begin().await?;
         let mut head = lock_head(&mut tx, tid).await?;
-        let pending: Vec<&Folded> = entries
-            .iter()
-            .filter(|e| e.version > head.watermark)
-            .collect();
-        if pending.is_empty() {
+        let prepared = super::prepare_batch(id, entries, head.watermark)?;
+        if prepared.is_empty() {
             return Ok(head.watermark);
-        }
-        // Check the positions and validate every full thread before writing anything.
-        let mut prepared = Vec::with_capacity(pending.len());
-        for (n, entry) in pending.iter().enumerate() {
-            let want = head.watermark + 1 + n as u64;
-            if entry.version != want {
-                return Err(StoreError::Internal(format!(
-                    "gap in folded log: expected version {want}, got {}",
-                    entry.version
-                )));
-            }
-            prepared.push(match &entry.change {
-                Change::Delta(delta) => Prepared::Delta(delta),
-                Change::Replace(thread) => {
-                    let mut thread = thread.clone();
-                    let state = super::prepare_thread(id, &mut thread)?;
-                    Prepared::Replace(thread, state)
-                }
-                Change::Metadata(patch) => {
-                    let mut patch = patch.clone();
-                    super::strip_server_metadata(&mut patch);
-                    Prepared::Metadata(patch)
-                }
-            });
         }
         let now = now_ms();
         let mut existing = existing_ids(
             &mut tx,
             tid,
-            prepared.iter().filter_map(|p| match p {
+            prepared.iter().filter_map(|(_, p)| match p {
                 Prepared::Delta(d) => Some(*d),
                 _ => None,
             }),
@@ -894,7 +859,7 @@ impl Store for PostgresStore {
         let mut metadata: Option<Extra> = None;
         let mut keys = Vec::new();
         let mut version = head.watermark;
-        for (entry, change) in pending.iter().zip(prepared) {
+        for (entry, change) in prepared {
             version = entry.version;
             match change {
                 Prepared::Delta(delta) => {

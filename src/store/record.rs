@@ -7,8 +7,8 @@
 
 use super::{
     Appended, Change, Expect, Folded, HISTORY_LIMIT, History, HistoryEntry, IDEMPOTENCY_KEYS_KEPT,
-    IdempotencyKey, MessagePage, MessageQuery, Order, Result, RunRecord, Snapshot, StoreError,
-    ThreadSummary,
+    IdempotencyKey, MessagePage, MessageQuery, Order, Prepared, Result, RunRecord, Snapshot,
+    StoreError, ThreadSummary,
 };
 use crate::id::ThreadId;
 use crate::model::{ChangeSet, Extra, Thread, plan_delta};
@@ -213,40 +213,19 @@ impl Record {
     /// Folds log entries above the watermark (see [`super::Store::apply_batch`]); all or
     /// nothing.
     pub fn apply_batch(&mut self, entries: &[Folded], now: i64) -> Result<u64> {
-        let pending: Vec<&Folded> = entries
-            .iter()
-            .filter(|e| e.version > self.watermark)
-            .collect();
-        if pending.is_empty() {
+        let id =
+            ThreadId::parse(&self.thread.id).map_err(|e| StoreError::Internal(e.to_string()))?;
+        let prepared = super::prepare_batch(&id, entries, self.watermark)?;
+        if prepared.is_empty() {
             return Ok(self.watermark);
         }
-        // Positions and full threads are checked before anything is applied (the same
-        // order of checks as the PostgreSQL backend's).
-        let mut prepared = Vec::with_capacity(pending.len());
-        for (n, entry) in pending.iter().enumerate() {
-            let want = self.watermark + 1 + n as u64;
-            if entry.version != want {
-                return Err(StoreError::Internal(format!(
-                    "gap in folded log: expected version {want}, got {}",
-                    entry.version
-                )));
-            }
-            prepared.push(match &entry.change {
-                Change::Delta(delta) => Prepared::Delta(delta),
-                Change::Replace(thread) => {
-                    let (thread, state) = self.prepare(thread.clone())?;
-                    Prepared::Replace(thread, state)
-                }
-                Change::Metadata(patch) => Prepared::Metadata(patch),
-            });
-        }
         let mut next = self.clone();
-        for (entry, change) in pending.into_iter().zip(prepared) {
+        for (entry, change) in prepared {
             next.version = entry.version - 1;
             match change {
                 Prepared::Delta(delta) => next.apply(delta, now)?,
                 Prepared::Replace(thread, state) => next.set_thread(thread, state, now),
-                Prepared::Metadata(patch) => next.merge_metadata(patch.clone(), now),
+                Prepared::Metadata(patch) => next.merge_metadata(patch, now),
             };
             if let Some(key) = &entry.idempotency {
                 next.remember(key, entry.version);
@@ -341,12 +320,4 @@ impl Record {
             version: self.version,
         }
     }
-}
-
-/// A folded entry, checked before anything is applied.
-enum Prepared<'a> {
-    Delta(&'a ChangeSet),
-    /// The prepared thread and its current state.
-    Replace(Thread, Value),
-    Metadata(&'a Extra),
 }
