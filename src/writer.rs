@@ -129,8 +129,12 @@ impl Writer {
             .await?;
         self.appends.inc();
         let flushed = if finished {
-            let fold = tokio::time::timeout(FOLD_ON_FINISH_TIMEOUT, b.fold(id)).await;
-            Some(matches!(fold, Ok(Ok(r)) if r.version >= appended.version))
+            // Spawned, so a fold that outlives the wait still completes instead of being
+            // dropped mid-chunk.
+            let (b, fold_id) = (b.clone(), id.clone());
+            let fold = tokio::spawn(async move { b.fold(&fold_id).await });
+            let fold = tokio::time::timeout(FOLD_ON_FINISH_TIMEOUT, fold).await;
+            Some(matches!(fold, Ok(Ok(Ok(r))) if r.version >= appended.version))
         } else {
             None
         };

@@ -325,13 +325,17 @@ async fn existing_ids<'a>(
     if wanted.is_empty() {
         return Ok(HashSet::new());
     }
-    let found: Vec<String> =
-        sqlx::query_scalar("SELECT msg_id FROM messages WHERE thread_id = $1 AND msg_id = ANY($2)")
-            .bind(id)
-            .bind(&wanted)
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(db_err)?;
+    // One index probe per wanted id on (thread_id, msg_id): `msg_id = ANY($2)` may be planned
+    // as a filter over every row of the thread when statistics are stale.
+    let found: Vec<String> = sqlx::query_scalar(
+        "SELECT w.id FROM unnest($2::text[]) AS w(id) WHERE EXISTS \
+         (SELECT 1 FROM messages m WHERE m.thread_id = $1 AND m.msg_id = w.id)",
+    )
+    .bind(id)
+    .bind(&wanted)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db_err)?;
     found.iter().map(|s| dec(s)).collect()
 }
 

@@ -145,7 +145,9 @@ async fn concurrent_folds_and_recoveries() {
         // A second process starting up (recovery) while the folds run.
         let mut b_cfg = Config::for_tests(&schema.url());
         mk(&mut b_cfg);
-        let b = Gateway::start_config(b_cfg, None, None).await;
+        let b = Gateway::start_config(b_cfg, None, None)
+            .await
+            .shares_streams();
         let res = b.post("/v1/threads/t/flush", &json!({})).await;
         assert_eq!(res.status(), StatusCode::OK);
         for t in tasks {

@@ -548,16 +548,6 @@ async fn flush_retrying(t: &Targets, replica: usize, id: &str) -> Value {
     a.body
 }
 
-/// Deletes a test's streams from the shared NATS (best effort).
-async fn drop_streams(prefix: &str) {
-    if let Ok(client) = async_nats::connect(nats_url()).await {
-        let js = async_nats::jetstream::new(client);
-        for s in ["log", "dead"] {
-            let _ = js.delete_stream(format!("{prefix}_{s}")).await;
-        }
-    }
-}
-
 /// Arguments for a buffered gateway process on PostgreSQL.
 fn gateway_args(store: &str, prefix: &str, fold_idle: &str) -> Vec<String> {
     [
@@ -746,7 +736,7 @@ async fn kill_9_during_50_runs_loses_nothing_and_applies_nothing_twice() {
         oracle.assert_matches(&targets.http, &proc.base(), id).await;
     }
     proc.terminate().await;
-    drop_streams(&prefix).await;
+    crate::harness::drop_streams(&nats_url(), &prefix).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -960,7 +950,7 @@ async fn two_replicas_with_racing_folds_and_restarts_match_the_oracle() {
     for p in &mut procs {
         p.terminate().await;
     }
-    drop_streams(&prefix).await;
+    crate::harness::drop_streams(&nats_url(), &prefix).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1054,7 +1044,7 @@ async fn long_run_folds_completely(n: u64, in_flight: usize) {
         finish["flushed"]
     );
     gw.stop().await;
-    drop_streams(&prefix).await;
+    crate::harness::drop_streams(&nats_url(), &prefix).await;
 }
 
 /// About a minute on the 2-core development machine (30 s of appends, 30 s of folding).
@@ -1129,7 +1119,7 @@ async fn run_finished_answers_once_the_store_has_the_run() {
         assert_eq!(r["version"], v);
     }
     gw.stop().await;
-    drop_streams(&prefix).await;
+    crate::harness::drop_streams(&nats_url(), &prefix).await;
 }
 
 /// Fault 5: a crash between the store commit and the log trim leaves folded entries in the
@@ -1219,7 +1209,7 @@ async fn replaying_a_folded_log_applies_nothing_twice() {
     kill_9(&mut p1).await;
     p2.terminate().await;
     drop(store);
-    drop_streams(&prefix).await;
+    crate::harness::drop_streams(&nats_url(), &prefix).await;
 }
 
 /// A conditional append whose answer was lost (gateway killed, timeout) is retried by the
@@ -1253,5 +1243,5 @@ async fn conditional_retry_of_a_landed_append_is_replayed() {
     }
     assert_eq!(gw.get_json("/v1/threads/t").await["version"], 1);
     gw.stop().await;
-    drop_streams(&prefix).await;
+    crate::harness::drop_streams(&nats_url(), &prefix).await;
 }

@@ -19,6 +19,9 @@ pub struct Gateway {
     pub base: String,
     pub http: reqwest::Client,
     running: Option<Running>,
+    /// `(url, prefix)` in buffered mode: the prefix's streams are deleted at `stop`, unless
+    /// [`Gateway::shares_streams`] said another gateway goes on using them.
+    nats: Option<(String, String)>,
     _dir: Option<TempDir>,
     _schema: Option<PgSchema>,
 }
@@ -59,6 +62,10 @@ impl Gateway {
             base: format!("http://{}", running.addr),
             http: reqwest::Client::new(),
             running: Some(running),
+            nats: config
+                .nats_url
+                .clone()
+                .map(|u| (u, config.nats_prefix.clone())),
             _dir: dir,
             _schema: schema,
         }
@@ -115,6 +122,9 @@ impl Gateway {
     pub async fn stop(mut self) {
         if let Some(r) = self.running.take() {
             r.stop().await.expect("clean shutdown");
+        }
+        if let Some((url, prefix)) = self.nats.take() {
+            drop_streams(&url, &prefix).await;
         }
     }
 }
@@ -329,5 +339,24 @@ impl Gateway {
             tweak(c);
         })
         .await
+    }
+
+    /// Keeps the prefix's streams at `stop`: another gateway of the test still uses them.
+    pub fn shares_streams(mut self) -> Self {
+        self.nats = None;
+        self
+    }
+}
+
+/// Deletes a test prefix's JetStream streams (they would otherwise be kept for days on the
+/// shared server). Best effort: another gateway of the same test may still use them, and
+/// then the test deletes them when it stops that one.
+pub async fn drop_streams(url: &str, prefix: &str) {
+    let Ok(client) = async_nats::connect(url).await else {
+        return;
+    };
+    let js = async_nats::jetstream::new(client);
+    for suffix in ["log", "dead"] {
+        let _ = js.delete_stream(format!("{prefix}_{suffix}")).await;
     }
 }
