@@ -285,11 +285,21 @@ impl Buffer {
 
     /// Reads every message on the thread's subject, oldest first.
     pub async fn read_log(&self, id: &ThreadId) -> Result<Vec<LogMsg>> {
+        self.read_log_from(id, None).await
+    }
+
+    /// Reads the thread's messages from stream sequence `start` on (all when `None`).
+    async fn read_log_from(&self, id: &ThreadId, start: Option<u64>) -> Result<Vec<LogMsg>> {
         let consumer = self
             .stream
             .create_consumer(consumer::pull::OrderedConfig {
                 filter_subject: self.subject(id),
-                deliver_policy: consumer::DeliverPolicy::All,
+                deliver_policy: match start {
+                    Some(start_sequence) => {
+                        consumer::DeliverPolicy::ByStartSequence { start_sequence }
+                    }
+                    None => consumer::DeliverPolicy::All,
+                },
                 ..Default::default()
             })
             .await
@@ -360,12 +370,42 @@ impl Buffer {
 
     /// The thread's head: from the cache, or rebuilt from the store plus the log.
     async fn head(&self, id: &ThreadId, fresh: bool) -> Result<Head> {
-        if !fresh && let Some(h) = self.cached(id) {
-            return Ok(h);
+        let cached = self.cached(id);
+        if let Some(h) = &cached {
+            if !fresh {
+                return Ok(h.clone());
+            }
+            // Another writer moved on: read only what it appended since our position.
+            if let Some(head) = self.advance(id, h).await? {
+                self.remember(id, Some(head.clone()));
+                return Ok(head);
+            }
         }
         let head = self.refresh(id).await?;
         self.remember(id, Some(head.clone()));
         Ok(head)
+    }
+
+    /// The cached head moved forward by the entries published after it, or `None` when that
+    /// does not give a consistent head (purged, deleted, out of order): then a full refresh.
+    async fn advance(&self, id: &ThreadId, cached: &Head) -> Result<Option<Head>> {
+        let log = self.read_log_from(id, Some(cached.seq + 1)).await?;
+        let Some(last) = log.last() else {
+            return Ok(None);
+        };
+        let mut head = cached.clone();
+        for m in &log {
+            if m.entry == Entry::Deleted || m.version != head.version + 1 {
+                return Ok(None);
+            }
+            let Ok(state) = next_state(&head.state, &m.entry, id) else {
+                return Ok(None);
+            };
+            head.state = state;
+            head.version = m.version;
+        }
+        head.seq = last.seq;
+        Ok(Some(head))
     }
 
     async fn refresh(&self, id: &ThreadId) -> Result<Head> {
