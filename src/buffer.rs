@@ -11,8 +11,10 @@
 //!
 //! Retention: the stream keeps messages for [`MAX_AGE`] at most (a safety net, never the
 //! mechanism): idle tails are folded after `--fold-idle`, at run end, on flush, at start-up
-//! and at shutdown. Folded messages younger than the duplicate window are kept a little
-//! longer, so a retried `Idempotency-Key` is still recognised and answered with its version.
+//! and at shutdown. Folded messages younger than two minutes are kept a little longer, so
+//! most `Idempotency-Key` retries find their original in the log; later ones (within
+//! JetStream's duplicate window) are answered from the keys the store remembered when it
+//! folded them.
 
 use crate::id::ThreadId;
 use crate::model::{ChangeSet, Extra, Thread, plan_delta};
@@ -34,8 +36,13 @@ use tokio_util::sync::CancellationToken;
 
 /// Safety-net retention of the log stream; folds happen long before this.
 pub const MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
-/// JetStream's de-duplication window for `Idempotency-Key` retries.
-pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+/// JetStream's de-duplication window for `Idempotency-Key` retries: longer than a client's
+/// retry loop, short enough that the server's memory of message ids stays small. A retry whose
+/// original was already folded and trimmed is answered from the keys the store remembered.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(600);
+/// Folded messages younger than this stay in the log, so most retries find their original
+/// there without asking the store.
+const KEEP_FOLDED: Duration = Duration::from_secs(120);
 /// Entries applied per store transaction during a fold: bounds transaction size and memory
 /// for very long runs while keeping per-transaction overhead small.
 const FOLD_CHUNK: usize = 1_000;
@@ -508,7 +515,7 @@ impl Buffer {
             };
             match acked {
                 Ok(ack) if ack.duplicate => {
-                    return self.replayed(ack.sequence, idempotency).await;
+                    return self.replayed(id, ack.sequence, idempotency).await;
                 }
                 Ok(ack) => {
                     self.remember(
@@ -548,7 +555,8 @@ impl Buffer {
             .iter()
             .find(|m| m.idempotency.as_ref().is_some_and(|k| k.key == key.key))
         else {
-            return Ok(None);
+            // Folded and trimmed: the store remembers the keys it folded.
+            return Ok(self.store.idempotent(id, key).await?);
         };
         if first
             .idempotency
@@ -564,8 +572,25 @@ impl Buffer {
     }
 
     /// Answers a JetStream duplicate with the version the first request produced.
-    async fn replayed(&self, seq: u64, key: Option<&IdempotencyKey>) -> Result<Appended> {
-        let original = self.stream.get_raw_message(seq).await.map_err(log_err)?;
+    async fn replayed(
+        &self,
+        id: &ThreadId,
+        seq: u64,
+        key: Option<&IdempotencyKey>,
+    ) -> Result<Appended> {
+        let original = match self.stream.get_raw_message(seq).await {
+            Ok(m) => m,
+            // Folded and trimmed while JetStream still remembers the message id: the store
+            // remembers the keys it folded.
+            Err(e) => {
+                if let Some(key) = key
+                    && let Some(replay) = self.store.idempotent(id, key).await?
+                {
+                    return Ok(replay);
+                }
+                return Err(log_err(e));
+            }
+        };
         let (version, _, first) = decode(Some(&original.headers), &original.payload)
             .map_err(|why| Error::FoldBlocked(format!("log message {seq}: {why}")))?;
         if let (Some(key), Some(first)) = (key, first)
@@ -712,9 +737,9 @@ impl Buffer {
             version = self.store.apply_batch(id, &entries).await?;
             applied += entries.len() as u64;
         }
-        // Trim what is folded, but keep messages inside the duplicate window so a retried
+        // Trim what is folded, but keep recent messages so a retried
         // Idempotency-Key still finds its original.
-        let window_start = now_ms() - DUPLICATE_WINDOW.as_millis() as i64;
+        let window_start = now_ms() - KEEP_FOLDED.as_millis() as i64;
         let keep_from = log
             .iter()
             .find(|m| m.version > version || m.at >= window_start)

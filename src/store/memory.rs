@@ -239,6 +239,10 @@ impl<P: Persist> Store for Records<P> {
             .await
     }
 
+    async fn idempotent(&self, id: &ThreadId, key: &IdempotencyKey) -> Result<Option<Appended>> {
+        self.read(id, |r| r.idempotent(key)).await
+    }
+
     async fn apply_batch(&self, id: &ThreadId, entries: &[Folded]) -> Result<u64> {
         self.write(id, |r| r.apply_batch(entries, now_ms())).await
     }

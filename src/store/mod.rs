@@ -291,6 +291,9 @@ pub trait Store: Send + Sync + 'static {
         expect: Expect,
         idempotency: Option<&IdempotencyKey>,
     ) -> Result<Appended>;
+    /// The write an idempotency key was remembered with: `Appended { replayed: true }` with
+    /// its version, `IdempotencyKeyReused` for another fingerprint, `None` if unknown.
+    async fn idempotent(&self, id: &ThreadId, key: &IdempotencyKey) -> Result<Option<Appended>>;
     /// Folds log entries in order, all in one atomic step. Entries at or below the watermark
     /// are skipped (so folding the same entries again is a no-op); the rest must continue it
     /// without a gap (`v == watermark + 1`, then `+ 1` each), else `StoreError::Internal`.
@@ -391,6 +394,17 @@ pub fn prepare_thread(id: &ThreadId, thread: &mut Thread) -> Result<Value> {
             field: format!("patches[{p}].patch.ops[{o}]"),
             message: e.to_string(),
         }
+    })
+}
+
+/// The answer for a remembered key: a replay of `version`, or a reuse error.
+pub(crate) fn replay_of(fingerprint: &str, key: &IdempotencyKey, version: u64) -> Result<Appended> {
+    if fingerprint != key.fingerprint {
+        return Err(StoreError::IdempotencyKeyReused);
+    }
+    Ok(Appended {
+        version,
+        replayed: true,
     })
 }
 

@@ -312,6 +312,24 @@ async fn record_history(
 }
 
 /// Which of the deltas' message ids the thread already holds.
+/// The write remembered for an idempotency key on this thread, if any.
+async fn remembered(
+    conn: &mut PgConnection,
+    id: &str,
+    key: &IdempotencyKey,
+) -> Result<Option<Appended>> {
+    let seen: Option<(String, i64)> = sqlx::query_as(
+        "SELECT fingerprint, version FROM idempotency WHERE thread_id = $1 AND key = $2",
+    )
+    .bind(id)
+    .bind(enc(&key.key))
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db_err)?;
+    seen.map(|(fingerprint, version)| super::replay_of(&fingerprint, key, u(version)))
+        .transpose()
+}
+
 async fn existing_ids<'a>(
     conn: &mut PgConnection,
     id: &str,
@@ -793,25 +811,10 @@ impl Store for PostgresStore {
         let tid = id.as_str();
         let mut tx = self.begin().await?;
         let mut head = lock_head(&mut tx, tid).await?;
-        if let Some(key) = idempotency {
-            let seen: Option<(String, i64)> = sqlx::query_as(
-                "SELECT fingerprint, version FROM idempotency WHERE thread_id = $1 AND key = $2",
-            )
-            .bind(tid)
-            .bind(enc(&key.key))
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db_err)?;
-            if let Some((fingerprint, version)) = seen {
-                return if fingerprint == key.fingerprint {
-                    Ok(Appended {
-                        version: u(version),
-                        replayed: true,
-                    })
-                } else {
-                    Err(StoreError::IdempotencyKeyReused)
-                };
-            }
+        if let Some(key) = idempotency
+            && let Some(replay) = remembered(&mut tx, tid, key).await?
+        {
+            return Ok(replay);
         }
         expect.check(head.version)?;
         let version = head.version + 1;
@@ -837,6 +840,15 @@ impl Store for PostgresStore {
             version,
             replayed: false,
         })
+    }
+
+    async fn idempotent(&self, id: &ThreadId, key: &IdempotencyKey) -> Result<Option<Appended>> {
+        let mut conn = self.pool.acquire().await.map_err(db_err)?;
+        match remembered(&mut conn, id.as_str(), key).await? {
+            Some(replay) => Ok(Some(replay)),
+            // Unknown key: a missing thread is still NotFound.
+            None => self.version(id).await.map(|_| None),
+        }
     }
 
     async fn apply_batch(&self, id: &ThreadId, entries: &[Folded]) -> Result<u64> {

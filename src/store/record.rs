@@ -133,15 +133,9 @@ impl Record {
         now: i64,
     ) -> Result<Appended> {
         if let Some(key) = idempotency
-            && let Some((seen, version)) = self.idempotency.iter().find(|(k, _)| k.key == key.key)
+            && let Some(replay) = self.idempotent(key)?
         {
-            if seen.fingerprint != key.fingerprint {
-                return Err(StoreError::IdempotencyKeyReused);
-            }
-            return Ok(Appended {
-                version: *version,
-                replayed: true,
-            });
+            return Ok(replay);
         }
         expect.check(self.version)?;
         let version = self.apply(delta, now)?;
@@ -157,6 +151,15 @@ impl Record {
     /// Remembers `key` as the write at `version`, replacing any earlier entry for the same key,
     /// and forgets the oldest keys past [`IDEMPOTENCY_KEYS_KEPT`]. Versions only grow, so the
     /// queue stays ordered by version.
+    /// The remembered write for `key`, if any (see [`super::Store::idempotent`]).
+    pub fn idempotent(&self, key: &IdempotencyKey) -> Result<Option<Appended>> {
+        self.idempotency
+            .iter()
+            .find(|(k, _)| k.key == key.key)
+            .map(|(seen, version)| super::replay_of(&seen.fingerprint, key, *version))
+            .transpose()
+    }
+
     fn remember(&mut self, key: &IdempotencyKey, version: u64) {
         self.idempotency.retain(|(k, _)| k.key != key.key);
         self.idempotency.push_back((key.clone(), version));

@@ -577,3 +577,66 @@ async fn store_outage_during_fold_loses_nothing() {
     assert_eq!(texts(&t), vec!["m0", "m1", "m2"]);
     gw.stop().await;
 }
+
+/// A retry whose original was folded and trimmed from the log (as happens two minutes after
+/// a fold) is answered from the keys the store remembered: same version, nothing appended,
+/// also with a stale If-Match; another body with the key is still refused.
+#[tokio::test]
+async fn idempotent_retry_after_the_log_was_trimmed() {
+    let prefix = crate::harness::nats_prefix();
+    let p = prefix.clone();
+    let gw = Gateway::start_with(Backend::Postgres, move |c| {
+        c.nats_url = Some(nats_url());
+        c.nats_prefix = p;
+    })
+    .await;
+    gw.create(json!({"id": "t"})).await;
+    let send = |body: Value, if_match: Option<&'static str>| {
+        let mut req = gw
+            .http
+            .post(gw.url("/v1/threads/t/deltas"))
+            .header("idempotency-key", "k-trim");
+        if let Some(m) = if_match {
+            req = req.header("if-match", m);
+        }
+        req.json(&body).send()
+    };
+    let first = send(delta_msg("r", None, "once"), Some("\"0\""))
+        .await
+        .unwrap();
+    assert_eq!(first.json::<Value>().await.unwrap()["version"], 1);
+    gw.append("t", delta_msg("r", None, "other")).await;
+    flush(&gw, "t").await;
+    // Trim the subject the way the fold does once its keep window has passed.
+    let js = async_nats::jetstream::new(async_nats::connect(nats_url()).await.unwrap());
+    let subject = format!("{prefix}.log.{}", ThreadId::parse("t").unwrap().encoded());
+    let log = js.get_stream(format!("{prefix}_log")).await.unwrap();
+    log.purge().filter(subject.clone()).await.unwrap();
+    assert!(
+        log.get_last_raw_message_by_subject(&subject).await.is_err(),
+        "the log is empty"
+    );
+
+    for if_match in [None, Some("\"0\"")] {
+        let retry = send(delta_msg("r", None, "once"), if_match).await.unwrap();
+        assert_eq!(
+            retry.status(),
+            StatusCode::OK,
+            "retry with If-Match {if_match:?}"
+        );
+        assert_eq!(retry.headers()["idempotent-replayed"], "true");
+        assert_eq!(retry.json::<Value>().await.unwrap()["version"], 1);
+    }
+    let reused = send(delta_msg("r", None, "changed"), None).await.unwrap();
+    expect_problem(
+        reused,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency_key_reused",
+    )
+    .await;
+    flush(&gw, "t").await;
+    let t = gw.get_json("/v1/threads/t").await;
+    assert_eq!(texts(&t), vec!["once", "other"]);
+    assert_eq!(t["version"], 2);
+    gw.stop().await;
+}
