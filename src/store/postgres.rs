@@ -570,6 +570,17 @@ fn run_record(
     })
 }
 
+/// A run row outer-joined to its thread: `(run_id, parent_run_id, meta, version, created_at,
+/// updated_at)`, all `NULL` when the thread exists but the run does not.
+type JoinedRunRow = (
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+);
+
 #[async_trait]
 impl Store for PostgresStore {
     async fn create(&self, id: &ThreadId, mut thread: Thread) -> Result<Snapshot> {
@@ -1045,15 +1056,7 @@ impl Store for PostgresStore {
     }
 
     async fn runs(&self, id: &ThreadId) -> Result<Vec<RunRecord>> {
-        #[allow(clippy::type_complexity)]
-        let rows: Vec<(
-            Option<String>,
-            Option<String>,
-            Option<String>,
-            Option<i64>,
-            Option<i64>,
-            Option<i64>,
-        )> = sqlx::query_as(
+        let rows: Vec<JoinedRunRow> = sqlx::query_as(
             "SELECT r.run_id, r.parent_run_id, r.meta, r.version, r.created_at, r.updated_at \
                  FROM threads t LEFT JOIN runs r ON r.thread_id = t.id WHERE t.id = $1",
         )
@@ -1076,15 +1079,7 @@ impl Store for PostgresStore {
     }
 
     async fn run(&self, id: &ThreadId, run_id: &str) -> Result<RunRecord> {
-        #[allow(clippy::type_complexity)]
-        let row: Option<(
-            Option<String>,
-            Option<String>,
-            Option<String>,
-            Option<i64>,
-            Option<i64>,
-            Option<i64>,
-        )> = sqlx::query_as(
+        let row: Option<JoinedRunRow> = sqlx::query_as(
             "SELECT r.run_id, r.parent_run_id, r.meta, r.version, r.created_at, r.updated_at \
                  FROM threads t LEFT JOIN runs r ON r.thread_id = t.id AND r.run_id = $2 \
                  WHERE t.id = $1",
