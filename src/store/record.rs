@@ -35,20 +35,31 @@ pub struct Record {
 impl Record {
     pub fn new(id: &ThreadId, mut thread: Thread, now: i64) -> Result<Self> {
         let current_state = super::prepare_thread(id, &mut thread)?;
+        Ok(Self::fresh(thread, current_state, 0, now, now))
+    }
+
+    /// A record with no runs, history or remembered keys.
+    fn fresh(
+        thread: Thread,
+        current_state: Value,
+        version: u64,
+        created_at: i64,
+        updated_at: i64,
+    ) -> Self {
         let mut r = Record {
             thread,
             current_state,
-            version: 0,
-            watermark: 0,
-            created_at: now,
-            updated_at: now,
+            version,
+            watermark: version,
+            created_at,
+            updated_at,
             runs: Vec::new(),
             history: VecDeque::new(),
             idempotency: VecDeque::new(),
             ids: HashSet::new(),
         };
         r.rebuild_ids();
-        Ok(r)
+        r
     }
 
     /// Restores the derived fields after deserialising.
@@ -70,19 +81,14 @@ impl Record {
                 "stored thread does not rebuild at patches[{p}].patch.ops[{o}]: {e}"
             ))
         })?;
-        let mut r = Record {
-            thread: snap.thread,
+        let mut r = Self::fresh(
+            snap.thread,
             current_state,
-            version: snap.version,
-            watermark: snap.watermark,
-            created_at: snap.created_at,
-            updated_at: snap.updated_at,
-            runs: Vec::new(),
-            history: VecDeque::new(),
-            idempotency: VecDeque::new(),
-            ids: HashSet::new(),
-        };
-        r.rebuild_ids();
+            snap.version,
+            snap.created_at,
+            snap.updated_at,
+        );
+        r.watermark = snap.watermark;
         Ok(r)
     }
 
