@@ -1,30 +1,47 @@
-//! Wiring: open the backend chosen by the configuration, bind, serve, and shut down
-//! gracefully when the shutdown token is cancelled (SIGTERM or ctrl-c in the binary).
+//! Wiring: open the store, choose the write path and the live source once, bind, serve, and
+//! shut down within a bound when the shutdown token is cancelled (SIGTERM or ctrl-c).
+//!
+//! Shutdown, in order, all within `--shutdown-timeout`: stop accepting and end SSE streams
+//! (clients resume elsewhere with `Last-Event-ID`); let in-flight requests finish; fold what
+//! this process can (buffered mode; whatever is left is folded by the next start-up's
+//! recovery); wait for background tasks; close the store's connections.
 
-use crate::buffer::{Buffer, BufferConfig};
+use crate::buffer::log::LogConfig;
+use crate::buffer::{BufferConfig, Buffered};
 use crate::config::{Config, LogFormat};
+use crate::http::{AppState, router};
+use crate::live::source::{LiveSource, LogSource, StoreSource};
 use crate::live::{Hub, LiveConfig};
-use crate::writer::Writer;
+use crate::store::{DynStore, PgOptions};
+use crate::write::direct::DirectWrites;
+use crate::write::{Threads, WritePath};
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// How long shutdown waits for the final fold; whatever is left is folded by the next
-/// start-up's recovery, so a slow store never blocks a restart for long.
-const SHUTDOWN_FOLD_TIMEOUT: Duration = Duration::from_secs(20);
-use crate::http::{AppState, router};
-use std::net::SocketAddr;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Share of the shutdown budget that in-flight requests get to finish.
+const DRAIN_SHARE: u32 = 3;
+/// First delay between start-up connection attempts (doubles up to [`RETRY_STARTUP_MAX`]).
+const RETRY_STARTUP_MIN: Duration = Duration::from_millis(250);
+/// Longest delay between start-up connection attempts.
+const RETRY_STARTUP_MAX: Duration = Duration::from_secs(5);
 
 /// A started gateway.
 pub struct Running {
+    /// Where it listens.
     pub addr: SocketAddr,
+    /// Cancel to shut down.
     pub shutdown: CancellationToken,
     task: JoinHandle<std::io::Result<()>>,
 }
 
 impl Running {
-    /// Cancels the shutdown token and waits for in-flight requests to finish.
+    /// Cancels the shutdown token and waits for the shutdown to complete.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
         self.wait().await
@@ -37,73 +54,149 @@ impl Running {
     }
 }
 
-/// Opens the store, binds the listener and starts serving in the background.
-pub async fn start(config: &Config) -> anyhow::Result<Running> {
-    let store = crate::store::open(&config.store).await?;
-    let shutdown = CancellationToken::new();
-    let buffer = match &config.nats_url {
-        Some(url) => {
-            let cfg = BufferConfig {
-                url: url.clone(),
-                prefix: config.nats_prefix.clone(),
-                fold_idle: config.fold_idle,
-            };
-            let buffer = Buffer::connect(&cfg, store.clone()).await?;
-            // Recovery: fold whatever earlier processes left buffered, without delaying start-up.
-            let b = buffer.clone();
-            tokio::spawn(async move {
-                match b.fold_all().await {
-                    Ok(n) => {
-                        tracing::info!(threads = n, "start-up recovery folded buffered threads")
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "start-up recovery failed; the sweeper retries")
-                    }
-                }
-            });
-            tokio::spawn(buffer.clone().sweep(shutdown.clone()));
-            Some(buffer)
+/// Retries `connect` with back-off until it succeeds or `budget` has passed, logging each
+/// failure: a backend that is briefly unreachable at start-up (a database still starting
+/// next to the gateway) must not stop it.
+pub async fn retry_startup<T, F, Fut>(
+    what: &str,
+    budget: Duration,
+    mut connect: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    let deadline = Instant::now() + budget;
+    let mut delay = RETRY_STARTUP_MIN;
+    loop {
+        let attempt = tokio::time::timeout_at(deadline, connect()).await;
+        match attempt {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) if Instant::now() + delay < deadline => {
+                tracing::warn!(error = %e, retry_in = ?delay, "{what} is not reachable yet; retrying");
+            }
+            Ok(Err(e)) => {
+                return Err(e.context(format!(
+                    "{what} unreachable for {budget:?} (--startup-timeout)"
+                )));
+            }
+            Err(_) => anyhow::bail!("{what} unreachable for {budget:?} (--startup-timeout)"),
         }
-        None => None,
-    };
-    let mut registry = prometheus_client::registry::Registry::default();
-    if let Some(b) = &buffer {
-        b.counters.register(&mut registry);
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(RETRY_STARTUP_MAX);
     }
-    let hub = Hub::new(
-        store.clone(),
-        buffer.clone(),
-        shutdown.clone(),
-        LiveConfig {
-            keepalive: config.sse_keepalive,
-            channel_capacity: config.sse_buffer,
-        },
-    );
-    hub.metrics.register(&mut registry);
-    let writer = Arc::new(Writer::new(store, buffer.clone(), hub));
-    writer.register_metrics(&mut registry);
+}
+
+/// The parts chosen at start-up.
+struct Parts {
+    store: DynStore,
+    writes: Arc<dyn WritePath>,
+    hub: Arc<Hub>,
+}
+
+/// Opens the backends and chooses the write path and the live source (the only place that
+/// knows which mode is on).
+async fn assemble(
+    config: &Config,
+    shutdown: &CancellationToken,
+    tasks: &TaskTracker,
+    registry: &mut prometheus_client::registry::Registry,
+) -> anyhow::Result<Parts> {
+    let pg = PgOptions {
+        max_connections: config.pg_max_connections,
+        acquire_timeout: config.pg_acquire_timeout,
+        statement_timeout: config.pg_statement_timeout,
+        startup_timeout: config.startup_timeout,
+    };
+    let store = crate::store::open(&config.store, &pg).await?;
+    let live = LiveConfig {
+        keepalive: config.sse_keepalive,
+        channel_capacity: config.sse_buffer,
+    };
+    let parts = match &config.nats_url {
+        Some(url) => {
+            let buffer = BufferConfig {
+                log: LogConfig {
+                    url: url.clone(),
+                    prefix: config.nats_prefix.clone(),
+                    startup_timeout: config.startup_timeout,
+                },
+                fold_idle: config.fold_idle,
+                head_cache_bytes: config.head_cache as u64,
+                keep_folded: config.keep_folded,
+            };
+            let buffered = Buffered::connect(&buffer, store.clone(), tasks.clone()).await?;
+            buffered.register_metrics(registry);
+            buffered.start(shutdown.clone());
+            let source: Arc<dyn LiveSource> =
+                Arc::new(LogSource::new(buffered.clone(), store.clone()));
+            let hub = Hub::new(source, shutdown.clone(), tasks.clone(), live);
+            Parts {
+                store,
+                writes: buffered,
+                hub,
+            }
+        }
+        None => {
+            let source: Arc<dyn LiveSource> = Arc::new(StoreSource::new(store.clone()));
+            let hub = Hub::new(source, shutdown.clone(), tasks.clone(), live);
+            let writes = Arc::new(DirectWrites::new(store.clone(), hub.clone()));
+            Parts { store, writes, hub }
+        }
+    };
+    parts.hub.metrics.register(registry);
+    Ok(parts)
+}
+
+/// Opens the backends, binds the listener and starts serving in the background.
+pub async fn start(config: &Config) -> anyhow::Result<Running> {
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let parts = match assemble(config, &shutdown, &tasks, &mut registry).await {
+        Ok(parts) => parts,
+        Err(e) => {
+            shutdown.cancel();
+            return Err(e);
+        }
+    };
+    let threads = Arc::new(Threads::new(parts.store.clone(), parts.writes.clone()));
+    threads.register_metrics(&mut registry);
     let state = AppState {
-        writer,
+        threads,
+        hub: parts.hub,
         metrics: Arc::new(registry),
         max_body: config.max_body,
     };
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
+    let budget = config.shutdown_timeout;
     let token = shutdown.clone();
+    let (store, writes) = (parts.store, parts.writes);
     let task = tokio::spawn(async move {
-        let served = axum::serve(listener, router(state))
-            .with_graceful_shutdown(token.cancelled_owned())
-            .await;
-        if let Some(b) = buffer {
-            // Leave nothing buffered that this process could have folded.
-            match tokio::time::timeout(SHUTDOWN_FOLD_TIMEOUT, b.fold_all()).await {
-                Ok(Ok(n)) => tracing::info!(threads = n, "folded buffered threads at shutdown"),
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "shutdown fold failed; recovery will fold")
-                }
-                Err(_) => tracing::warn!("shutdown fold timed out; recovery will fold"),
-            }
+        let serve = axum::serve(listener, router(state))
+            .with_graceful_shutdown(token.clone().cancelled_owned());
+        let served = serve_until(serve.into_future(), &token, budget / DRAIN_SHARE).await;
+        let deadline = Instant::now() + budget - budget / DRAIN_SHARE;
+        if tokio::time::timeout_at(deadline, writes.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "shutdown fold did not finish in time; the next start-up's recovery folds"
+            );
         }
+        tasks.close();
+        if tokio::time::timeout_at(deadline, tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = tasks.len(),
+                "background tasks still running at shutdown"
+            );
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), store.close()).await;
         served
     });
     tracing::info!(%addr, store = %redact(&config.store), "threadgate listening");
@@ -112,6 +205,25 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         shutdown,
         task,
     })
+}
+
+/// Serves until the token is cancelled and in-flight requests are done, or `drain` after
+/// the cancellation at the latest.
+async fn serve_until(
+    serve: impl Future<Output = std::io::Result<()>>,
+    token: &CancellationToken,
+    drain: Duration,
+) -> std::io::Result<()> {
+    tokio::select! {
+        served = serve => served,
+        _ = async {
+            token.cancelled().await;
+            tokio::time::sleep(drain).await;
+        } => {
+            tracing::warn!(?drain, "requests still in flight after the drain period; closing");
+            Ok(())
+        }
+    }
 }
 
 /// Runs until SIGTERM or ctrl-c.

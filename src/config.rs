@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;
 
+/// Every setting of the gateway.
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "threadgate",
@@ -47,20 +48,57 @@ pub struct Config {
     #[arg(long, env = "THREADGATE_SSE_BUFFER", default_value_t = crate::live::DEFAULT_CHANNEL_CAPACITY)]
     pub sse_buffer: usize,
 
+    /// Buffered mode: folded entries younger than this stay in the log, so a retried
+    /// `Idempotency-Key` finds its original there (later ones are answered from the keys the
+    /// store remembered).
+    #[arg(long, env = "THREADGATE_KEEP_FOLDED", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub keep_folded: std::time::Duration,
+
+    /// Bytes of thread state the buffered-mode head cache may hold (the head of each
+    /// recently written thread, so appends need no read); a miss re-reads store and log.
+    #[arg(long, env = "THREADGATE_HEAD_CACHE", default_value = "64MiB", value_parser = parse_size)]
+    pub head_cache: usize,
+
+    /// How long start-up keeps retrying an unreachable PostgreSQL or NATS before giving up.
+    #[arg(long, env = "THREADGATE_STARTUP_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub startup_timeout: std::time::Duration,
+
+    /// Upper bound on a graceful shutdown (draining requests, the final fold, background
+    /// tasks); whatever is left buffered is folded by the next start-up.
+    #[arg(long, env = "THREADGATE_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: std::time::Duration,
+
+    /// PostgreSQL connections per gateway process.
+    #[arg(long, env = "THREADGATE_PG_MAX_CONNECTIONS", default_value_t = 10)]
+    pub pg_max_connections: u32,
+
+    /// How long a request waits for a PostgreSQL connection before answering 503.
+    #[arg(long, env = "THREADGATE_PG_ACQUIRE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub pg_acquire_timeout: std::time::Duration,
+
+    /// Server-side limit on any one PostgreSQL statement (lock waits included).
+    #[arg(long, env = "THREADGATE_PG_STATEMENT_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub pg_statement_timeout: std::time::Duration,
+
     /// Log line format.
     #[arg(long, env = "THREADGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// A subcommand instead of serving.
     #[command(subcommand)]
     pub command: Option<Command>,
 }
 
+/// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
+    /// Human-readable lines.
     Text,
+    /// One JSON object per line.
     Json,
 }
 
+/// Subcommands besides serving.
 #[derive(Debug, Clone, Subcommand)]
 pub enum Command {
     /// Print the OpenAPI document and exit (regenerate openapi/openapi.json with it).

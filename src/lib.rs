@@ -11,4 +11,4 @@ pub mod id;
 pub mod live;
 pub mod model;
 pub mod store;
-pub mod writer;
+pub mod write;

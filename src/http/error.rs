@@ -22,6 +22,9 @@ pub enum ApiError {
     InvalidId { field: String, message: String },
     #[error("{field}: {message}")]
     InvalidPatch { field: String, message: String },
+    /// A size, depth or count the server bounds (see the README's limits).
+    #[error("{field}: {message}")]
+    LimitExceeded { field: String, message: String },
     #[error("query parameter {field}: {message}")]
     InvalidQuery { field: String, message: String },
     #[error("header {header}: {message}")]
@@ -37,6 +40,11 @@ pub enum ApiError {
     VersionMismatch { expected: u64, current: u64 },
     #[error("Idempotency-Key was already used with a different request body")]
     IdempotencyKeyReused,
+    #[error(
+        "the write with this Idempotency-Key was accepted earlier and is no longer known; \
+         it was not applied again"
+    )]
+    IdempotencyKeyExpired,
     #[error("request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("Content-Type must be application/json")]
@@ -77,12 +85,14 @@ impl ApiError {
             | UnknownOp { .. }
             | InvalidId { .. }
             | InvalidPatch { .. }
+            | LimitExceeded { .. }
             | InvalidQuery { .. }
             | InvalidHeader { .. } => StatusCode::BAD_REQUEST,
             NotFound(_) => StatusCode::NOT_FOUND,
             AlreadyExists => StatusCode::CONFLICT,
             VersionMismatch { .. } => StatusCode::PRECONDITION_FAILED,
             IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            IdempotencyKeyExpired => StatusCode::CONFLICT,
             PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -99,12 +109,14 @@ impl ApiError {
             UnknownOp { .. } => "unknown_op",
             InvalidId { .. } => "invalid_id",
             InvalidPatch { .. } => "invalid_patch",
+            LimitExceeded { .. } => "limit_exceeded",
             InvalidQuery { .. } => "invalid_query",
             InvalidHeader { .. } => "invalid_header",
             NotFound(_) => "not_found",
             AlreadyExists => "already_exists",
             VersionMismatch { .. } => "version_mismatch",
             IdempotencyKeyReused => "idempotency_key_reused",
+            IdempotencyKeyExpired => "idempotency_key_expired",
             PayloadTooLarge { .. } => "payload_too_large",
             UnsupportedMediaType => "unsupported_media_type",
             MethodNotAllowed => "method_not_allowed",
@@ -121,6 +133,7 @@ impl ApiError {
             | UnknownOp { field, .. }
             | InvalidId { field, .. }
             | InvalidPatch { field, .. }
+            | LimitExceeded { field, .. }
             | InvalidQuery { field, .. } => Some(field.clone()),
             InvalidHeader { header, .. } => Some(header.to_string()),
             _ => None,
@@ -154,13 +167,10 @@ impl From<StoreError> for ApiError {
                 expected,
                 current: actual,
             },
-            StoreError::InvalidDelta(d) => {
-                let crate::model::DeltaError::Patch { error, .. } = &d;
-                ApiError::InvalidPatch {
-                    field: d.field(),
-                    message: error.to_string(),
-                }
-            }
+            StoreError::InvalidDelta(d) => ApiError::InvalidPatch {
+                field: d.field(),
+                message: d.reason(),
+            },
             StoreError::InvalidThread { field, message } => {
                 ApiError::InvalidPatch { field, message }
             }
@@ -170,6 +180,22 @@ impl From<StoreError> for ApiError {
                 ApiError::Unavailable("the snapshot store")
             }
             StoreError::Internal(why) => ApiError::Internal(why),
+        }
+    }
+}
+
+impl From<crate::write::Error> for ApiError {
+    fn from(e: crate::write::Error) -> Self {
+        use crate::write::Error;
+        match e {
+            Error::Store(e) => e.into(),
+            Error::LogUnavailable(why) => {
+                tracing::warn!(%why, "message log unavailable");
+                ApiError::Unavailable("the message log (NATS)")
+            }
+            Error::TooLarge { limit, .. } => ApiError::PayloadTooLarge { limit },
+            Error::FoldBlocked(why) => ApiError::FoldBlocked(why),
+            Error::IdempotencyKeyExpired => ApiError::IdempotencyKeyExpired,
         }
     }
 }

@@ -32,6 +32,11 @@ pub struct EventsParams {
     /// with `id: <its version>`; with a position that can no longer be replayed, a fresh
     /// `snapshot` is sent instead of `reset` and the stream goes on.
     pub snapshot: Option<bool>,
+    /// The `incarnation` of the snapshot the position came from: if the thread was deleted
+    /// and created again since, the stream answers `reset` instead of continuing into the
+    /// new thread's versions.
+    #[param(value_type = Option<String>, pattern = "^[0-9a-f]{16}$")]
+    pub incarnation: Option<crate::store::Incarnation>,
 }
 
 /// The `Last-Event-ID` header a browser's `EventSource` sends when it reconnects.
@@ -89,9 +94,8 @@ pub async fn events(
         (a, l) => a.or(l),
     };
     let stream = app
-        .writer
-        .hub()
-        .open(id, cursor, p.snapshot.unwrap_or(false))
+        .hub
+        .open(id, cursor, p.snapshot.unwrap_or(false), p.incarnation)
         .await?;
     Ok((
         [

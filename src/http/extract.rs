@@ -39,6 +39,17 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
         let bytes = axum::body::to_bytes(req.into_body(), limit)
             .await
             .map_err(|_| ApiError::PayloadTooLarge { limit })?;
+        // Before parsing: nothing deeper than the limit is ever built, stored or echoed.
+        let depth = crate::model::limits::body_depth(&bytes);
+        if depth > crate::model::limits::MAX_BODY_DEPTH {
+            return Err(ApiError::LimitExceeded {
+                field: "body".into(),
+                message: format!(
+                    "JSON nests {depth} levels deep; the limit is {}",
+                    crate::model::limits::MAX_BODY_DEPTH
+                ),
+            });
+        }
         let value = parse_json(&bytes)?;
         Ok(JsonBody { value, bytes })
     }

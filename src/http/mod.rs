@@ -8,7 +8,8 @@ pub mod events;
 pub mod extract;
 pub mod threads;
 
-use crate::writer::Writer;
+use crate::live::Hub;
+use crate::write::Threads;
 use axum::Router;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -21,7 +22,10 @@ use utoipa::{OpenApi, ToSchema};
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
-    pub writer: Arc<Writer>,
+    /// Thread reads and writes.
+    pub threads: Arc<Threads>,
+    /// Live streams.
+    pub hub: Arc<Hub>,
     /// Prometheus metrics served at `/metrics`.
     pub metrics: Arc<prometheus_client::registry::Registry>,
     /// Largest accepted request body, in bytes.
@@ -36,8 +40,8 @@ pub struct AppState {
         threads::delete, threads::append, threads::messages, threads::state, threads::runs,
         threads::run, threads::flush, events::events, healthz, readyz
     ),
-    components(schemas(error::Problem, Health, crate::live::DeltaEvent, crate::live::SnapshotEvent,
-        crate::live::MetadataEvent, crate::live::FlushedEvent, crate::live::ResetEvent, crate::live::DeletedEvent)),
+    components(schemas(error::Problem, Health, crate::live::events::DeltaEvent, crate::live::events::SnapshotEvent,
+        crate::live::events::MetadataEvent, crate::live::events::FlushedEvent, crate::live::events::ResetEvent, crate::live::events::DeletedEvent)),
     tags((name = "threads"), (name = "runs"), (name = "ops"))
 )]
 pub struct ApiDoc;
@@ -96,7 +100,7 @@ async fn healthz() -> axum::Json<Health> {
 async fn readyz(
     axum::extract::State(app): axum::extract::State<AppState>,
 ) -> Result<axum::Json<Health>, ApiError> {
-    app.writer.ready().await?;
+    app.threads.ready().await?;
     Ok(axum::Json(Health {
         status: "ready".into(),
     }))

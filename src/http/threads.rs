@@ -3,11 +3,10 @@
 use super::AppState;
 use super::error::{ApiError, Problem};
 use super::extract::{IdempotencyHeader, IfMatch, IfNoneMatch, JsonBody, PathId, QueryParams};
-use crate::buffer::FoldReport;
 use crate::id::ThreadId;
 use crate::model::{ChangeSet, Extra, Message, Thread, TrackedPatch};
 use crate::store::{ListQuery, MessageQuery, Order, RunRecord, ThreadSummary, VisibilityFilter};
-use crate::writer::View;
+use crate::write::{FoldReport, View};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -28,6 +27,20 @@ pub struct ThreadView {
     pub thread: Thread,
     /// The thread version this snapshot reflects (also the `ETag`).
     pub version: u64,
+    /// Which life of the thread id this is (16 hex digits): it changes when the thread is
+    /// deleted and created again. Pass it as `incarnation` to the event stream.
+    #[schema(value_type = String, pattern = "^[0-9a-f]{16}$")]
+    pub incarnation: crate::store::Incarnation,
+}
+
+impl ThreadView {
+    fn of(snap: &crate::store::Snapshot) -> Self {
+        ThreadView {
+            version: snap.version,
+            incarnation: snap.incarnation,
+            thread: snap.to_wire(),
+        }
+    }
 }
 
 /// Body of `POST /v1/threads`: every field optional.
@@ -219,11 +232,8 @@ pub async fn create(
         patches: body.patches.unwrap_or_default(),
         metadata: body.metadata.unwrap_or_default(),
     };
-    let snap = app.writer.create(&id, thread).await?;
-    let view = ThreadView {
-        version: snap.version,
-        thread: snap.to_wire(),
-    };
+    let snap = app.threads.create(&id, thread).await?;
+    let view = ThreadView::of(&snap);
     Ok((
         StatusCode::CREATED,
         [
@@ -258,7 +268,7 @@ pub async fn list(
         after,
         limit: limit(p.limit)?,
     };
-    let page = app.writer.list(&q).await?;
+    let page = app.threads.list(&q).await?;
     let next_cursor = page
         .has_more
         .then(|| page.threads.last())
@@ -283,15 +293,12 @@ pub async fn get(
     inm: IfNoneMatch,
 ) -> Result<Response, ApiError> {
     let view = p.view.unwrap_or_default();
-    let current = app.writer.version(&id, view).await?;
+    let current = app.threads.version(&id, view).await?;
     if inm.matches(current) {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag(current))]).into_response());
     }
-    let snap = app.writer.get(&id, view).await?;
-    let view = ThreadView {
-        version: snap.version,
-        thread: snap.to_wire(),
-    };
+    let snap = app.threads.get(&id, view).await?;
+    let view = ThreadView::of(&snap);
     Ok(with_etag(view.version, Json(view)))
 }
 
@@ -322,7 +329,7 @@ pub async fn replace(
         patches: body.patches,
         metadata: body.metadata,
     };
-    let version = app.writer.replace(&id, thread, expect).await?;
+    let version = app.threads.replace(&id, thread, expect).await?;
     Ok(with_etag(version, Json(VersionBody { version })))
 }
 
@@ -337,7 +344,7 @@ pub async fn patch_metadata(
     IfMatch(expect): IfMatch,
     JsonBody { value: patch, .. }: JsonBody<Extra>,
 ) -> Result<Response, ApiError> {
-    let version = app.writer.patch_metadata(&id, patch, expect).await?;
+    let version = app.threads.patch_metadata(&id, patch, expect).await?;
     Ok(with_etag(version, Json(VersionBody { version })))
 }
 
@@ -350,7 +357,7 @@ pub async fn delete(
     PathId(id): PathId,
     IfMatch(expect): IfMatch,
 ) -> Result<StatusCode, ApiError> {
-    app.writer.delete(&id, expect).await?;
+    app.threads.delete(&id, expect).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -374,7 +381,7 @@ pub async fn append(
     }: JsonBody<ChangeSet>,
 ) -> Result<Response, ApiError> {
     let key = idem.with_body(&bytes);
-    let out = app.writer.append(&id, delta, expect, key.as_ref()).await?;
+    let out = app.threads.append(&id, delta, expect, key.as_ref()).await?;
     let body = AppendBody {
         version: out.appended.version,
         flushed: out.flushed,
@@ -405,7 +412,7 @@ pub async fn messages(
         run_id: p.run_id,
     };
     let page = app
-        .writer
+        .threads
         .messages(&id, &q, p.view.unwrap_or_default())
         .await?;
     let next_cursor = page
@@ -440,8 +447,14 @@ pub async fn state(
     PathId(id): PathId,
     QueryParams(p): QueryParams<ViewParams>,
 ) -> Result<Response, ApiError> {
-    let (state, version) = app.writer.state(&id, p.view.unwrap_or_default()).await?;
-    Ok(with_etag(version, Json(StateBody { state, version })))
+    let st = app.threads.state(&id, p.view.unwrap_or_default()).await?;
+    Ok(with_etag(
+        st.version,
+        Json(StateBody {
+            state: st.state,
+            version: st.version,
+        }),
+    ))
 }
 
 #[utoipa::path(get, path = "/v1/threads/{id}/runs", tag = "runs", params(("id" = String, Path)),
@@ -450,7 +463,7 @@ pub async fn runs(
     State(app): State<AppState>,
     PathId(id): PathId,
 ) -> Result<Json<Vec<RunRecord>>, ApiError> {
-    Ok(Json(app.writer.runs(&id).await?))
+    Ok(Json(app.threads.runs(&id).await?))
 }
 
 #[utoipa::path(get, path = "/v1/threads/{id}/runs/{run_id}", tag = "runs",
@@ -461,7 +474,7 @@ pub async fn run(
     PathId(id): PathId,
     Path(params): Path<(String, String)>,
 ) -> Result<Json<RunRecord>, ApiError> {
-    Ok(Json(app.writer.run(&id, &params.1).await?))
+    Ok(Json(app.threads.run(&id, &params.1).await?))
 }
 
 #[utoipa::path(post, path = "/v1/threads/{id}/flush", tag = "threads", params(("id" = String, Path)),
@@ -473,5 +486,5 @@ pub async fn flush(
     State(app): State<AppState>,
     PathId(id): PathId,
 ) -> Result<Json<FoldReport>, ApiError> {
-    Ok(Json(app.writer.flush(&id).await?))
+    Ok(Json(app.threads.flush(&id).await?))
 }

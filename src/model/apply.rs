@@ -7,6 +7,7 @@ use std::collections::HashSet;
 
 use serde_json::{Number, Value};
 
+use super::limits::{MAX_STATE_DEPTH, depth};
 use super::patch::{PatchError, apply_patch};
 use super::{ChangeSet, Message, Op, Thread, TrackedPatch};
 
@@ -21,6 +22,9 @@ pub enum DeltaError {
         op: usize,
         error: PatchError,
     },
+    /// The delta's `snapshot` nests deeper than [`MAX_STATE_DEPTH`].
+    #[error("snapshot: nests {depth} levels deep; the limit is {limit}")]
+    SnapshotTooDeep { depth: usize, limit: usize },
 }
 
 impl DeltaError {
@@ -28,6 +32,17 @@ impl DeltaError {
     pub fn field(&self) -> String {
         match self {
             DeltaError::Patch { patch, op, .. } => format!("patches[{patch}].patch.ops[{op}]"),
+            DeltaError::SnapshotTooDeep { .. } => "snapshot".to_owned(),
+        }
+    }
+
+    /// The reason alone, without the field.
+    pub fn reason(&self) -> String {
+        match self {
+            DeltaError::Patch { error, .. } => error.to_string(),
+            DeltaError::SnapshotTooDeep { depth, limit } => {
+                format!("nests {depth} levels deep; the limit is {limit}")
+            }
         }
     }
 }
@@ -62,6 +77,15 @@ pub fn plan_delta(
 ) -> Result<DeltaPlan, DeltaError> {
     // 1. snapshot
     let snapshot = snapshot_of(delta);
+    if let Some(s) = snapshot {
+        let depth = depth(s);
+        if depth > MAX_STATE_DEPTH {
+            return Err(DeltaError::SnapshotTooDeep {
+                depth,
+                limit: MAX_STATE_DEPTH,
+            });
+        }
+    }
     let mut state = snapshot.unwrap_or(current_state).clone();
 
     // 2. messages, deduplicated by id
@@ -287,7 +311,9 @@ mod tests {
             "patches": [{"patch": {"ops": [{"op": "increment", "path": ["n"], "amount": 1}]}}]
         }));
         let err = plan_delta(&json!({"n": 1}), &d, |_| false).unwrap_err();
-        let DeltaError::Patch { patch, op, error } = &err;
+        let DeltaError::Patch { patch, op, error } = &err else {
+            panic!("{err}");
+        };
         assert_eq!((*patch, *op), (0, 0));
         assert_eq!(error.kind, PatchErrorKind::PathNotFound);
     }

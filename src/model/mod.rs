@@ -5,6 +5,7 @@
 //! wire format does not name are kept in `extra` maps so a newer agent's data survives us.
 
 mod apply;
+pub mod limits;
 mod patch;
 
 pub use apply::{DeltaError, DeltaPlan, apply_delta, normalize_numbers, plan_delta};
@@ -369,6 +370,20 @@ impl Op {
         }
     }
 
+    /// The JSON value the op carries, if any.
+    pub fn value(&self) -> Option<&Value> {
+        match self {
+            Op::Set { value, .. }
+            | Op::Append { value, .. }
+            | Op::MergeObject { value, .. }
+            | Op::Insert { value, .. }
+            | Op::Remove { value, .. }
+            | Op::LatticeMerge { value, .. } => Some(value),
+            Op::Delete { .. } | Op::Increment { .. } | Op::Decrement { .. } => None,
+        }
+    }
+
+    /// The path the op acts on.
     pub fn path(&self) -> &Path {
         match self {
             Op::Set { path, .. }

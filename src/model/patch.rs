@@ -11,6 +11,7 @@
 
 use serde_json::{Map, Number, Value};
 
+use super::limits::{MAX_STATE_DEPTH, depth};
 use super::{Op, Patch, Seg, TrackedPatch};
 
 /// One op failed: which op, at which path, and why.
@@ -65,6 +66,10 @@ pub enum PatchErrorKind {
         sign: char,
         amount: f64,
     },
+    /// The op would nest the state deeper than [`MAX_STATE_DEPTH`] (its path plus its value),
+    /// or its path is longer than that.
+    #[error("would nest the state {depth} levels deep; the limit is {limit}")]
+    TooDeep { depth: usize, limit: usize },
 }
 
 /// The JSON type of a value, for error messages.
@@ -207,7 +212,31 @@ fn as_f64(n: &Number) -> f64 {
     n.as_f64().unwrap_or(f64::NAN)
 }
 
+/// How deep the state can get below the root after `op`: its path, plus one for an array
+/// element it adds, plus its value's own depth. Ops that add nothing count their path alone.
+fn nesting(op: &Op) -> usize {
+    let (element, value) = match op {
+        Op::Set { value, .. } | Op::LatticeMerge { value, .. } => (0, Some(value)),
+        // merge_object's entries go one level below the path, as deep as the value's depth
+        // minus its own object level: the same sum.
+        Op::MergeObject { value, .. } => (0, Some(value)),
+        Op::Append { value, .. } | Op::Insert { value, .. } => (1, Some(value)),
+        Op::Delete { .. } | Op::Increment { .. } | Op::Decrement { .. } | Op::Remove { .. } => {
+            (0, None)
+        }
+    };
+    op.path().0.len() + element + value.map_or(0, depth)
+}
+
 fn apply_kind(state: &mut Value, op: &Op) -> Result<(), PatchErrorKind> {
+    // Checked before anything changes: no accepted op can build a state deeper than the limit.
+    let nesting = nesting(op);
+    if nesting > MAX_STATE_DEPTH {
+        return Err(PatchErrorKind::TooDeep {
+            depth: nesting,
+            limit: MAX_STATE_DEPTH,
+        });
+    }
     match op {
         Op::Set { path, value } | Op::LatticeMerge { path, value } => {
             *walk_create(state, &path.0)? = value.clone();
@@ -340,6 +369,40 @@ mod tests {
 
     fn num_text(v: &Value) -> String {
         serde_json::to_string(v).unwrap()
+    }
+
+    // ---- depth limit -----------------------------------------------------------------------
+
+    #[test]
+    fn ops_that_would_nest_too_deep_fail_and_change_nothing() {
+        use crate::model::limits::MAX_STATE_DEPTH;
+        let long: Vec<String> = vec!["a".into(); MAX_STATE_DEPTH + 1];
+        for o in [
+            json!({"op": "set", "path": long, "value": 1}),
+            json!({"op": "delete", "path": long}),
+            json!({"op": "increment", "path": long, "amount": 1}),
+            json!({"op": "set", "path": vec!["a"; 10_000], "value": 1}),
+            json!({"op": "append", "path": vec!["a"; MAX_STATE_DEPTH], "value": 1}),
+            json!({"op": "merge_object", "path": vec!["a"; MAX_STATE_DEPTH], "value": {"b": {}}}),
+            json!({"op": "insert", "path": vec!["a"; MAX_STATE_DEPTH - 1], "index": 0, "value": [1]}),
+        ] {
+            let state = json!({"x": 1});
+            let mut s = state.clone();
+            let err = apply_op(&mut s, &op(o.clone())).expect_err("too deep");
+            assert!(
+                matches!(err.kind, PatchErrorKind::TooDeep { limit, .. } if limit == MAX_STATE_DEPTH),
+                "{o}: {err}"
+            );
+            assert_eq!(s, state, "{o} changed the state");
+        }
+        // Exactly at the limit is fine.
+        let mut s = json!({});
+        apply_op(
+            &mut s,
+            &op(json!({"op": "set", "path": vec!["a"; MAX_STATE_DEPTH - 1], "value": {}})),
+        )
+        .unwrap();
+        assert_eq!(crate::model::limits::depth(&s), MAX_STATE_DEPTH);
     }
 
     // ---- set -------------------------------------------------------------------------------

@@ -20,6 +20,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 const EXT: &str = "json";
 const TMP_PREFIX: &str = ".tmp-";
 const LOCK_FILE: &str = ".lock";
+/// Where thread files that cannot be read back are moved at start-up, for an operator to
+/// inspect; the loader never looks inside it.
+pub const SET_ASIDE_DIR: &str = "set-aside";
 
 pub struct Files {
     dir: PathBuf,
@@ -70,10 +73,15 @@ impl FileStore {
                 continue;
             };
             let bytes = fs::read(&path)?;
-            let mut record: Record = serde_json::from_slice(&bytes)
-                .map_err(|e| anyhow::anyhow!("corrupt thread file {}: {e}", path.display()))?;
-            record.rebuild_ids();
-            loaded.insert(id, record);
+            match serde_json::from_slice::<Record>(&bytes) {
+                Ok(mut record) => {
+                    record.rebuild_ids();
+                    loaded.insert(id, record);
+                }
+                // One unreadable thread (edited by hand, or written by an older version beyond
+                // today's limits) must not keep the others from being served.
+                Err(e) => set_aside(&dir, &path, &id, &e)?,
+            }
         }
         let files = Files {
             dir,
@@ -82,6 +90,25 @@ impl FileStore {
         };
         Ok(Records::with(files, loaded))
     }
+}
+
+/// Moves an unreadable thread file into [`SET_ASIDE_DIR`] (with a timestamp, so nothing is
+/// overwritten) and logs why; the thread is then absent until the file is repaired and moved
+/// back.
+fn set_aside(dir: &Path, path: &Path, id: &ThreadId, why: &serde_json::Error) -> io::Result<()> {
+    let aside = dir.join(SET_ASIDE_DIR);
+    fs::create_dir_all(&aside)?;
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let target = aside.join(format!("{name}.{}", super::now_ms()));
+    fs::rename(path, &target)?;
+    File::open(dir)?.sync_all()?;
+    tracing::error!(
+        thread = %id,
+        error = %why,
+        moved_to = %target.display(),
+        "thread file cannot be read back; set aside, serving the other threads"
+    );
+    Ok(())
 }
 
 impl Files {

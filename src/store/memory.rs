@@ -8,13 +8,13 @@
 
 use super::record::Record;
 use super::{
-    Appended, ChangeSet, Expect, Folded, History, IdempotencyKey, ListPage, ListQuery, MessagePage,
-    MessageQuery, Result, RunRecord, Snapshot, Store, StoreError, now_ms,
+    Appended, ChangeSet, Expect, History, IdempotencyKey, Incarnation, ListPage, ListQuery,
+    MessagePage, MessageQuery, Result, RunRecord, Snapshot, StateAt, Store, StoreError, Write,
+    now_ms,
 };
 use crate::id::ThreadId;
 use crate::model::{Extra, Thread};
 use async_trait::async_trait;
-use serde_json::Value;
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use tokio::sync::Mutex;
@@ -49,8 +49,9 @@ impl Persist for Volatile {
 /// `None` while a create is being persisted, or after a delete.
 type Slot = Arc<Mutex<Option<Record>>>;
 
+/// The records of every thread, with what persists them.
 pub struct Records<P> {
-    map: RwLock<BTreeMap<ThreadId, Slot>>,
+    map: Arc<RwLock<BTreeMap<ThreadId, Slot>>>,
     persist: Arc<P>,
 }
 
@@ -75,7 +76,7 @@ impl<P: Persist> Records<P> {
             .map(|(id, r)| (id, Arc::new(Mutex::new(Some(r)))))
             .collect();
         Records {
-            map: RwLock::new(map),
+            map: Arc::new(RwLock::new(map)),
             persist: Arc::new(persist),
         }
     }
@@ -96,10 +97,12 @@ impl<P: Persist> Records<P> {
     }
 
     /// Runs `f` on the record under its lock, then persists; the change is visible only once
-    /// it is durable.
+    /// it is durable. Persisting and installing the new record happen together in one task
+    /// that owns the lock, so a caller that stops waiting can never leave the file and the
+    /// record apart.
     async fn write<T>(&self, id: &ThreadId, f: impl FnOnce(&mut Record) -> Result<T>) -> Result<T> {
         let slot = self.slot(id)?;
-        let mut guard = slot.lock().await;
+        let mut guard = slot.lock_owned().await;
         let record = guard.as_mut().ok_or(StoreError::NotFound)?;
         if !P::DURABLE {
             return f(record);
@@ -107,8 +110,12 @@ impl<P: Persist> Records<P> {
         let mut next = record.clone();
         let out = f(&mut next)?;
         let (persist, key) = (self.persist.clone(), id.clone());
-        let next = blocking(move || persist.save(&key, &next).map(|()| next)).await?;
-        *record = next;
+        blocking(move || {
+            persist.save(&key, &next)?;
+            *guard = Some(next);
+            Ok(())
+        })
+        .await?;
         Ok(out)
     }
 }
@@ -136,23 +143,24 @@ impl<P: Persist> Store for Records<P> {
             }
             map.insert(id.clone(), slot);
         }
-        let persisted = if P::DURABLE {
-            let (persist, key) = (self.persist.clone(), id.clone());
-            blocking(move || persist.create(&key, &record).map(|()| record)).await
-        } else {
-            Ok(record)
-        };
-        match persisted {
-            Ok(record) => {
-                let snapshot = record.snapshot();
+        let snapshot = record.snapshot();
+        if !P::DURABLE {
+            *guard = Some(record);
+            return Ok(snapshot);
+        }
+        // Persist, then install or withdraw the slot, in one task (see `write`).
+        let (persist, key, map) = (self.persist.clone(), id.clone(), self.map.clone());
+        blocking(move || match persist.create(&key, &record) {
+            Ok(()) => {
                 *guard = Some(record);
                 Ok(snapshot)
             }
             Err(e) => {
-                self.map.write().map_err(|_| poisoned())?.remove(id);
+                map.write().map_err(|_| poisoned())?.remove(&key);
                 Err(e)
             }
-        }
+        })
+        .await
     }
 
     async fn get(&self, id: &ThreadId) -> Result<Snapshot> {
@@ -161,6 +169,10 @@ impl<P: Persist> Store for Records<P> {
 
     async fn version(&self, id: &ThreadId) -> Result<u64> {
         self.read(id, |r| Ok(r.version)).await
+    }
+
+    async fn incarnation(&self, id: &ThreadId) -> Result<Incarnation> {
+        self.read(id, |r| Ok(r.incarnation)).await
     }
 
     async fn list(&self, q: &ListQuery) -> Result<ListPage> {
@@ -213,19 +225,26 @@ impl<P: Persist> Store for Records<P> {
 
     async fn delete(&self, id: &ThreadId, expect: Expect) -> Result<()> {
         let slot = self.slot(id)?;
-        let mut guard = slot.lock().await;
+        let mut guard = slot.clone().lock_owned().await;
         let record = guard.as_ref().ok_or(StoreError::NotFound)?;
         expect.check(record.version)?;
+        let (persist, key, map) = (self.persist.clone(), id.clone(), self.map.clone());
+        let mut remove = move || {
+            if P::DURABLE {
+                persist.remove(&key)?;
+            }
+            *guard = None;
+            let mut map = map.write().map_err(|_| poisoned())?;
+            if map.get(&key).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+                map.remove(&key);
+            }
+            Ok(())
+        };
         if P::DURABLE {
-            let (persist, key) = (self.persist.clone(), id.clone());
-            blocking(move || persist.remove(&key)).await?;
+            blocking(remove).await
+        } else {
+            remove()
         }
-        *guard = None;
-        let mut map = self.map.write().map_err(|_| poisoned())?;
-        if map.get(id).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
-            map.remove(id);
-        }
-        Ok(())
     }
 
     async fn append(
@@ -243,7 +262,7 @@ impl<P: Persist> Store for Records<P> {
         self.read(id, |r| r.idempotent(key)).await
     }
 
-    async fn apply_batch(&self, id: &ThreadId, entries: &[Folded]) -> Result<u64> {
+    async fn apply_batch(&self, id: &ThreadId, entries: &[Write]) -> Result<u64> {
         self.write(id, |r| r.apply_batch(entries, now_ms())).await
     }
 
@@ -251,9 +270,8 @@ impl<P: Persist> Store for Records<P> {
         self.read(id, |r| Ok(r.messages(q))).await
     }
 
-    async fn state(&self, id: &ThreadId) -> Result<(Value, u64)> {
-        self.read(id, |r| Ok((r.current_state.clone(), r.version)))
-            .await
+    async fn state(&self, id: &ThreadId) -> Result<StateAt> {
+        self.read(id, |r| Ok(r.state())).await
     }
 
     async fn history(&self, id: &ThreadId, after: u64, limit: usize) -> Result<History> {

@@ -11,9 +11,9 @@ mod memory;
 mod postgres;
 pub mod record;
 
-pub use file::FileStore;
+pub use file::{FileStore, SET_ASIDE_DIR};
 pub use memory::MemoryStore;
-pub use postgres::PostgresStore;
+pub use postgres::{PgOptions, PostgresStore};
 
 use crate::id::ThreadId;
 use crate::model::{ChangeSet, DeltaError, Extra, Message, RunMeta, Thread};
@@ -80,16 +80,75 @@ impl Expect {
     }
 }
 
+/// Tells apart the lives of a thread id: a thread deleted and created again starts at version
+/// 0 once more, so a version alone cannot say which life it belongs to. Chosen at random at
+/// create; shown to clients as 16 hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Incarnation(pub u64);
+
+impl Incarnation {
+    /// A fresh random incarnation (never 0, which marks records written before incarnations
+    /// existed).
+    pub fn new() -> Self {
+        // The low 64 bits of a UUIDv7 are (62 bits of) randomness.
+        let (_, random) = uuid::Uuid::now_v7().as_u64_pair();
+        Incarnation(random.max(1))
+    }
+
+    /// Parses the 16-hex-digit form.
+    pub fn parse(s: &str) -> Option<Self> {
+        (s.len() == 16)
+            .then(|| u64::from_str_radix(s, 16).ok())
+            .flatten()
+            .map(Incarnation)
+    }
+}
+
+impl std::fmt::Display for Incarnation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl Serialize for Incarnation {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Incarnation {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Incarnation::parse(&s).ok_or_else(|| serde::de::Error::custom("not 16 hex digits"))
+    }
+}
+
 /// A thread as stored, with the position it reflects.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Snapshot {
     /// `metadata` holds only the client's custom keys; see [`Snapshot::to_wire`].
     pub thread: Thread,
+    /// The version this snapshot reflects.
     pub version: u64,
+    /// The highest log version folded in (equal to `version` for a store snapshot).
     pub watermark: u64,
+    /// Which life of the thread id this is.
+    pub incarnation: Incarnation,
     /// Unix milliseconds.
     pub created_at: i64,
+    /// Unix milliseconds of the last write.
     pub updated_at: i64,
+}
+
+/// A thread's current state (base state with every patch applied) and where it stands.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateAt {
+    /// The current state.
+    pub state: Value,
+    /// The version it reflects.
+    pub version: u64,
+    /// Which life of the thread id this is.
+    pub incarnation: Incarnation,
 }
 
 impl Snapshot {
@@ -122,13 +181,21 @@ pub struct IdempotencyKey {
     pub fingerprint: String,
 }
 
-/// One past write, kept for replay.
+/// One accepted write at its version: the single representation of a write wherever it
+/// travels (a store's history, a log entry being folded, a live event, a replay).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct HistoryEntry {
+pub struct Write {
+    /// The version the write produced.
     pub version: u64,
-    /// Unix milliseconds.
+    /// Unix milliseconds when it was accepted (0 when unknown).
+    #[serde(default)]
     pub at: i64,
+    /// What it did.
     pub change: Change,
+    /// The idempotency key it came with (remembered when a fold applies it; not kept in
+    /// history).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency: Option<IdempotencyKey>,
 }
 
 /// What a write did.
@@ -142,20 +209,11 @@ pub enum Change {
     Metadata(Extra),
 }
 
-/// One entry of the thread's log, folded into the store at its version.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Folded {
-    pub version: u64,
-    pub change: Change,
-    /// The idempotency key the write came with, remembered like a direct append's.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub idempotency: Option<IdempotencyKey>,
-}
-
 /// The writes after a version, as far as they are kept.
 #[derive(Debug, Clone, PartialEq)]
 pub struct History {
-    pub entries: Vec<HistoryEntry>,
+    /// The kept writes after the requested version, oldest first.
+    pub entries: Vec<Write>,
     /// The oldest version still kept (`None` when nothing is kept). Replay after `V` is
     /// complete only when `V + 1 >= first_kept` or there is nothing after `V`.
     pub first_kept: Option<u64>,
@@ -277,6 +335,8 @@ pub trait Store: Send + Sync + 'static {
     async fn get(&self, id: &ThreadId) -> Result<Snapshot>;
     /// The current version alone: cheap, for `If-None-Match` revalidation.
     async fn version(&self, id: &ThreadId) -> Result<u64>;
+    /// Which life of the thread id is current.
+    async fn incarnation(&self, id: &ThreadId) -> Result<Incarnation>;
     async fn list(&self, q: &ListQuery) -> Result<ListPage>;
     /// Full replace (messages keep their cursors by position). Returns the new version.
     async fn replace(&self, id: &ThreadId, thread: Thread, expect: Expect) -> Result<u64>;
@@ -315,29 +375,31 @@ pub trait Store: Send + Sync + 'static {
     /// Version and watermark become the last version applied; returns the watermark after the
     /// call. A missing thread is `NotFound` (a deleted thread never comes back), and an entry
     /// that fails validation fails the whole batch with nothing changed.
-    async fn apply_batch(&self, id: &ThreadId, entries: &[Folded]) -> Result<u64>;
+    async fn apply_batch(&self, id: &ThreadId, entries: &[Write]) -> Result<u64>;
     async fn messages(&self, id: &ThreadId, q: &MessageQuery) -> Result<MessagePage>;
-    /// The current state (base state with every patch applied) and its version.
-    async fn state(&self, id: &ThreadId) -> Result<(Value, u64)>;
+    /// The current state (base state with every patch applied), its version and incarnation.
+    async fn state(&self, id: &ThreadId) -> Result<StateAt>;
     /// Writes with versions greater than `after`, oldest first, at most `limit`.
     async fn history(&self, id: &ThreadId, after: u64, limit: usize) -> Result<History>;
     async fn runs(&self, id: &ThreadId) -> Result<Vec<RunRecord>>;
     async fn run(&self, id: &ThreadId, run_id: &str) -> Result<RunRecord>;
     /// Succeeds when the backend can serve requests (for `/readyz`).
     async fn ping(&self) -> Result<()>;
+    /// Releases the backend's connections at shutdown; later calls answer `Unavailable`.
+    async fn close(&self) {}
 }
 
 pub type DynStore = Arc<dyn Store>;
 
 /// Opens the backend named by a `--store` value: `memory:`, `file:<dir>` or a
 /// `postgres://` URL.
-pub async fn open(spec: &str) -> anyhow::Result<DynStore> {
+pub async fn open(spec: &str, pg: &PgOptions) -> anyhow::Result<DynStore> {
     if spec == "memory:" || spec == "memory" {
         Ok(Arc::new(MemoryStore::new()))
     } else if let Some(dir) = spec.strip_prefix("file:") {
         Ok(Arc::new(FileStore::open(dir).await?))
     } else if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
-        Ok(Arc::new(PostgresStore::connect(spec).await?))
+        Ok(Arc::new(PostgresStore::connect_opts(spec, pg).await?))
     } else {
         anyhow::bail!("unknown store {spec:?}: use `memory:`, `file:<dir>` or a `postgres://` URL")
     }
@@ -378,6 +440,16 @@ pub fn prepare_thread(id: &ThreadId, thread: &mut Thread) -> Result<Value> {
     thread.id = id.as_str().to_owned();
     thread.normalize();
     strip_server_metadata(&mut thread.metadata);
+    let depth = crate::model::limits::depth(&thread.state);
+    if depth > crate::model::limits::MAX_STATE_DEPTH {
+        return Err(StoreError::InvalidThread {
+            field: "state".into(),
+            message: format!(
+                "nests {depth} levels deep; the limit is {}",
+                crate::model::limits::MAX_STATE_DEPTH
+            ),
+        });
+    }
     let mut seen = std::collections::HashSet::new();
     for (i, m) in thread.messages.iter().enumerate() {
         if let Some(mid) = &m.id
@@ -422,9 +494,9 @@ pub(crate) enum Prepared<'a> {
 /// backend calls this, so all of them reject the same batches with the same error.
 pub(crate) fn prepare_batch<'a>(
     id: &ThreadId,
-    entries: &'a [Folded],
+    entries: &'a [Write],
     watermark: u64,
-) -> Result<Vec<(&'a Folded, Prepared<'a>)>> {
+) -> Result<Vec<(&'a Write, Prepared<'a>)>> {
     let pending = entries.iter().filter(|e| e.version > watermark);
     let mut out = Vec::new();
     for (n, entry) in pending.enumerate() {

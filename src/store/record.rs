@@ -6,9 +6,9 @@
 //! error leaves the record exactly as it was.
 
 use super::{
-    Appended, Change, Expect, Folded, HISTORY_LIMIT, History, HistoryEntry, IDEMPOTENCY_KEYS_KEPT,
-    IdempotencyKey, MessagePage, MessageQuery, Order, Prepared, Result, RunRecord, Snapshot,
-    StoreError, ThreadSummary,
+    Appended, Change, Expect, HISTORY_LIMIT, History, IDEMPOTENCY_KEYS_KEPT, IdempotencyKey,
+    Incarnation, MessagePage, MessageQuery, Order, Prepared, Result, RunRecord, Snapshot, StateAt,
+    StoreError, ThreadSummary, Write,
 };
 use crate::id::ThreadId;
 use crate::model::{ChangeSet, Extra, Thread, plan_delta};
@@ -18,14 +18,26 @@ use std::collections::{HashSet, VecDeque};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Record {
+    /// The thread (custom metadata only).
     pub thread: Thread,
+    /// `thread.state` with every patch applied.
     pub current_state: Value,
+    /// See [`Snapshot::version`].
     pub version: u64,
+    /// See [`Snapshot::watermark`].
     pub watermark: u64,
+    /// See [`Snapshot::incarnation`]; 0 in files written before incarnations existed.
+    #[serde(default)]
+    pub incarnation: Incarnation,
+    /// Unix milliseconds.
     pub created_at: i64,
+    /// Unix milliseconds.
     pub updated_at: i64,
+    /// One record per run that sent `run_meta`.
     pub runs: Vec<RunRecord>,
-    pub history: VecDeque<HistoryEntry>,
+    /// The last [`HISTORY_LIMIT`] writes.
+    pub history: VecDeque<Write>,
+    /// The last [`IDEMPOTENCY_KEYS_KEPT`] keys with the version each produced.
     pub idempotency: VecDeque<(IdempotencyKey, u64)>,
     /// Message ids present, for de-duplication; rebuilt on load.
     #[serde(skip)]
@@ -33,9 +45,12 @@ pub struct Record {
 }
 
 impl Record {
+    /// A new thread at version 0, validated by [`super::prepare_thread`].
     pub fn new(id: &ThreadId, mut thread: Thread, now: i64) -> Result<Self> {
         let current_state = super::prepare_thread(id, &mut thread)?;
-        Ok(Self::fresh(thread, current_state, 0, now, now))
+        let mut r = Self::fresh(thread, current_state, 0, now, now);
+        r.incarnation = Incarnation::new();
+        Ok(r)
     }
 
     /// A record with no runs, history or remembered keys.
@@ -51,6 +66,7 @@ impl Record {
             current_state,
             version,
             watermark: version,
+            incarnation: Incarnation::default(),
             created_at,
             updated_at,
             runs: Vec::new(),
@@ -89,16 +105,28 @@ impl Record {
             snap.updated_at,
         );
         r.watermark = snap.watermark;
+        r.incarnation = snap.incarnation;
         Ok(r)
     }
 
+    /// The thread as a snapshot at its version.
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
             thread: self.thread.clone(),
             version: self.version,
             watermark: self.watermark,
+            incarnation: self.incarnation,
             created_at: self.created_at,
             updated_at: self.updated_at,
+        }
+    }
+
+    /// The current state and where it stands.
+    pub fn state(&self) -> StateAt {
+        StateAt {
+            state: self.current_state.clone(),
+            version: self.version,
+            incarnation: self.incarnation,
         }
     }
 
@@ -120,10 +148,11 @@ impl Record {
         self.version += 1;
         self.watermark = self.version;
         self.updated_at = now;
-        self.history.push_back(HistoryEntry {
+        self.history.push_back(Write {
             version: self.version,
             at: now,
             change,
+            idempotency: None,
         });
         while self.history.len() > HISTORY_LIMIT {
             self.history.pop_front();
@@ -221,7 +250,7 @@ impl Record {
 
     /// Folds log entries above the watermark (see [`super::Store::apply_batch`]); all or
     /// nothing.
-    pub fn apply_batch(&mut self, entries: &[Folded], now: i64) -> Result<u64> {
+    pub fn apply_batch(&mut self, entries: &[Write], now: i64) -> Result<u64> {
         let id =
             ThreadId::parse(&self.thread.id).map_err(|e| StoreError::Internal(e.to_string()))?;
         let prepared = super::prepare_batch(&id, entries, self.watermark)?;

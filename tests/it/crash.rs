@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use threadgate::config::Config;
 use threadgate::id::ThreadId;
 use threadgate::model::{ChangeSet, Thread};
-use threadgate::store::{Change, Expect, Folded, MemoryStore, PostgresStore, Store};
+use threadgate::store::{Change, Expect, MemoryStore, PostgresStore, Store, Write};
 
 /// How long a client keeps retrying one request through crashes before the test fails.
 const RETRY_DEADLINE: Duration = Duration::from_secs(120);
@@ -431,7 +431,8 @@ impl Oracle {
         );
         assert_eq!(got["metadata"]["version"], snap.version, "thread {id}");
 
-        let (state, version) = self.0.state(&tid).await.unwrap();
+        let st = self.0.state(&tid).await.unwrap();
+        let (state, version) = (st.state, st.version);
         assert_eq!(
             get_json(http, base, &format!("{path}/state")).await,
             json!({"state": state, "version": version}),
@@ -1160,11 +1161,12 @@ async fn replaying_a_folded_log_applies_nothing_twice() {
 
     // "The fold committed the first 5 entries, then the process died before trimming."
     let store = PostgresStore::connect(&schema.url()).await.unwrap();
-    let committed: Vec<Folded> = deltas[..5]
+    let committed: Vec<Write> = deltas[..5]
         .iter()
         .enumerate()
-        .map(|(i, d)| Folded {
+        .map(|(i, d)| Write {
             version: i as u64 + 1,
+            at: 0,
             change: Change::Delta(serde_json::from_value(d.clone()).unwrap()),
             idempotency: None,
         })

@@ -190,6 +190,8 @@ macro_rules! each_backend {
 pub struct Process {
     pub child: tokio::process::Child,
     pub addr: std::net::SocketAddr,
+    /// Every log line the process wrote so far (JSON).
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Process {
@@ -218,8 +220,25 @@ impl Process {
         })
         .await
         .expect("threadgate listens within 30 s");
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Process { child, addr }
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let keep = log.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                keep.lock().unwrap().push(line);
+            }
+        });
+        Process { child, addr, log }
+    }
+
+    /// The log lines so far that contain `text`.
+    pub fn log_lines_with(&self, text: &str) -> Vec<String> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(text))
+            .cloned()
+            .collect()
     }
 
     pub fn base(&self) -> String {

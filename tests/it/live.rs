@@ -1026,7 +1026,10 @@ async fn openapi_documents_the_stream() {
         .iter()
         .map(|p| p["name"].as_str().unwrap())
         .collect();
-    assert_eq!(params, ["id", "after", "snapshot", "Last-Event-ID"]);
+    assert_eq!(
+        params,
+        ["id", "after", "snapshot", "incarnation", "Last-Event-ID"]
+    );
     for (schema, fields) in [
         ("DeltaEvent", &["version", "delta"][..]),
         ("SnapshotEvent", &["version", "thread"]),

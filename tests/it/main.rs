@@ -2,13 +2,18 @@
 //! HTTP. Behaviour suites run against every backend.
 
 mod buffered;
+mod cancellation;
 mod cookbook;
 mod crash;
+mod deadlines;
 mod file_store;
 mod harness;
 mod http_api;
+mod incarnation;
+mod limits;
 mod live;
 mod outage;
 mod pg;
 mod proxy;
 mod store_conformance;
+mod support;

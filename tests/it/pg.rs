@@ -109,7 +109,7 @@ impl Drop for PgSchema {
 /// Keep the guard alive as long as the store; drop the store first.
 pub async fn fresh_store() -> (PostgresStore, PgSchema) {
     let schema = PgSchema::create().await;
-    let store = PostgresStore::connect_with(schema.options())
+    let store = PostgresStore::connect_with(schema.options(), &Default::default())
         .await
         .unwrap_or_else(|e| {
             panic!(
@@ -159,9 +159,10 @@ async fn connect_by_url_uses_the_schema() {
 async fn concurrent_start_up_migrates_once() {
     let schema = PgSchema::create().await;
     let opts = schema.options();
+    let pool = threadgate::store::PgOptions::default();
     let (a, b) = tokio::join!(
-        PostgresStore::connect_with(opts.clone()),
-        PostgresStore::connect_with(opts)
+        PostgresStore::connect_with(opts.clone(), &pool),
+        PostgresStore::connect_with(opts, &pool)
     );
     a.expect("first store");
     b.expect("second store");

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use threadgate::id::ThreadId;
 use threadgate::model::{ChangeSet, Extra, Message, Thread};
 use threadgate::store::{
-    Change, DynStore, Expect, FileStore, Folded, HISTORY_LIMIT, IdempotencyKey, ListQuery,
-    MemoryStore, MessageQuery, Order, StoreError, VisibilityFilter,
+    Change, DynStore, Expect, FileStore, HISTORY_LIMIT, IdempotencyKey, ListQuery, MemoryStore,
+    MessageQuery, Order, StoreError, VisibilityFilter, Write,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -94,23 +94,30 @@ fn meta(v: Value) -> Extra {
     from(v)
 }
 
+/// The current state and its version.
+async fn state_of(s: &DynStore, id: &ThreadId) -> (serde_json::Value, u64) {
+    let st = s.state(id).await.expect("state");
+    (st.state, st.version)
+}
+
 /// A log entry without an idempotency key.
-fn fold(version: u64, change: Change) -> Folded {
-    Folded {
+fn fold(version: u64, change: Change) -> Write {
+    Write {
         version,
+        at: 0,
         change,
         idempotency: None,
     }
 }
 
 /// A log entry carrying a delta.
-fn fd(version: u64, d: ChangeSet) -> Folded {
+fn fd(version: u64, d: ChangeSet) -> Write {
     fold(version, Change::Delta(d))
 }
 
 /// A log entry with an idempotency key.
-fn keyed(version: u64, change: Change, k: IdempotencyKey) -> Folded {
-    Folded {
+fn keyed(version: u64, change: Change, k: IdempotencyKey) -> Write {
+    Write {
         idempotency: Some(k),
         ..fold(version, change)
     }
@@ -146,7 +153,7 @@ macro_rules! assert_err {
 async fn observe(s: &DynStore, id: &str) -> String {
     let id = tid(id);
     let snap = s.get(&id).await.expect("get");
-    let (state, sv) = s.state(&id).await.expect("state");
+    let (state, sv) = state_of(s, &id).await;
     let history = s.history(&id, 0, 10_000).await.expect("history");
     let runs = s.runs(&id).await.expect("runs");
     format!(
@@ -207,7 +214,7 @@ async fn create_get_round_trip(s: &DynStore) {
     assert_eq!(wire.metadata["created_at"], json!(created.created_at));
 
     assert_eq!(s.version(&id).await.unwrap(), 0);
-    assert_eq!(s.state(&id).await.unwrap(), (json!({"a": 1, "b": 2}), 0));
+    assert_eq!(state_of(s, &id).await, (json!({"a": 1, "b": 2}), 0));
     let page = s
         .messages(
             &id,
@@ -529,10 +536,7 @@ async fn invalid_delta_changes_nothing(s: &DynStore) {
         .await
         .unwrap();
     assert_eq!((a.version, a.replayed), (2, false));
-    assert_eq!(
-        s.state(&id).await.unwrap(),
-        (json!({"n": "text", "k": 1}), 2)
-    );
+    assert_eq!(state_of(s, &id).await, (json!({"n": "text", "k": 1}), 2));
 }
 
 async fn snapshot_clears_patches(s: &DynStore) {
@@ -551,7 +555,7 @@ async fn snapshot_clears_patches(s: &DynStore) {
         text(&got.thread.patches),
         text(&vec![set(json!(["y"]), json!(2))])
     );
-    assert_eq!(s.state(&id).await.unwrap(), (json!({"x": 1, "y": 2}), 1));
+    assert_eq!(state_of(s, &id).await, (json!({"x": 1, "y": 2}), 1));
     // A null snapshot is no snapshot: patches accumulate.
     let d: ChangeSet = from(json!({
         "run_id": "r", "reason": "RunFinished", "messages": [],
@@ -561,10 +565,7 @@ async fn snapshot_clears_patches(s: &DynStore) {
     let got = s.get(&id).await.unwrap();
     assert_eq!(got.thread.state, json!({"x": 1}));
     assert_eq!(got.thread.patches.len(), 2);
-    assert_eq!(
-        s.state(&id).await.unwrap(),
-        (json!({"x": 1, "y": 2, "z": 3}), 2)
-    );
+    assert_eq!(state_of(s, &id).await, (json!({"x": 1, "y": 2, "z": 3}), 2));
     // Snapshot then more patches in a later delta still rebuild.
     let d: ChangeSet = from(json!({
         "run_id": "r", "reason": "RunFinished", "messages": [], "patches": [], "snapshot": [1]
@@ -575,7 +576,7 @@ async fn snapshot_clears_patches(s: &DynStore) {
         (got.thread.state.clone(), got.thread.patches.len()),
         (json!([1]), 0)
     );
-    assert_eq!(s.state(&id).await.unwrap(), (json!([1]), 3));
+    assert_eq!(state_of(s, &id).await, (json!([1]), 3));
 }
 
 async fn idempotency(s: &DynStore) {
@@ -748,7 +749,7 @@ async fn history_bounded(s: &DynStore) {
     create_empty(s, "t").await;
     let id = tid("t");
     let total = HISTORY_LIMIT as u64 + 5;
-    let batch: Vec<Folded> = (1..=total)
+    let batch: Vec<Write> = (1..=total)
         .map(|v| fd(v, delta("r", vec![user(&format!("m{v}"), "x")])))
         .collect();
     assert_eq!(s.apply_batch(&id, &batch).await.unwrap(), total);
@@ -893,7 +894,7 @@ async fn comparable(s: &DynStore, id: &str) -> String {
     let snap = s.get(&tid).await.unwrap();
     let mut thread = snap.thread.clone();
     thread.id = "_".into();
-    let (state, sv) = s.state(&tid).await.unwrap();
+    let (state, sv) = state_of(s, &tid).await;
     let history = s.history(&tid, 0, 10_000).await.unwrap();
     let changes: Vec<String> = history
         .entries
@@ -972,7 +973,7 @@ async fn apply_batch_mixed(s: &DynStore) {
     for (n, change) in log.iter().enumerate() {
         write_directly(s, &tid("direct"), change, n as u64 + 1).await;
     }
-    let batch: Vec<Folded> = log
+    let batch: Vec<Write> = log
         .iter()
         .enumerate()
         .map(|(n, c)| fold(n as u64 + 1, c.clone()))
@@ -996,7 +997,7 @@ async fn apply_batch_mixed(s: &DynStore) {
     );
     assert_eq!(got.thread.state, json!({"snap": 1.0}));
     assert_eq!(
-        text(&s.state(&tid("folded")).await.unwrap()),
+        text(&state_of(s, &tid("folded")).await),
         text(&(json!({"snap": 1.0, "z": 1e16}), last))
     );
     let h = s.history(&tid("folded"), 0, 100).await.unwrap();
@@ -1230,7 +1231,7 @@ async fn apply_batch_invalid(s: &DynStore) {
 async fn apply_batch_twice(s: &DynStore) {
     let base: Thread = from(json!({"id": "t", "state": {"n": 0}, "metadata": {"x": 0}}));
     s.create(&tid("t"), base).await.unwrap();
-    let batch: Vec<Folded> = mixed_log()
+    let batch: Vec<Write> = mixed_log()
         .into_iter()
         .enumerate()
         .map(|(n, c)| keyed(n as u64 + 1, c, key(&format!("k{n}"), "fp")))
@@ -1259,7 +1260,7 @@ async fn concurrent_apply_batch(s: &DynStore) {
     create_empty(s, "t").await;
     // Several rounds: the later ones run on warm connections.
     for round in 0..3u64 {
-        let batch: Arc<Vec<Folded>> = Arc::new(
+        let batch: Arc<Vec<Write>> = Arc::new(
             (round * 50 + 1..=round * 50 + 50)
                 .map(|v| match v % 10 {
                     0 => keyed(
@@ -1333,7 +1334,7 @@ async fn replace(s: &DynStore) {
     assert_eq!(got.thread.resource_id.as_deref(), Some("res2"));
     assert_eq!(got.thread.metadata, meta(json!({"k": "v"})));
     assert_eq!(got.to_wire().metadata["version"], json!(1));
-    assert_eq!(s.state(&id).await.unwrap(), (json!({"s": 1, "p": true}), 1));
+    assert_eq!(state_of(s, &id).await, (json!({"s": 1, "p": true}), 1));
     assert_eq!(
         all_messages(s, "t")
             .await
@@ -1826,7 +1827,7 @@ async fn nul_and_floats(s: &DynStore) {
     );
     assert!(text(&got.thread.state).contains("10000000000000000"));
     assert!(text(&got.thread.metadata).contains("7.0"));
-    let (state, _) = s.state(&id).await.unwrap();
+    let (state, _) = state_of(s, &id).await;
     let mut want_state = thread.state.clone();
     want_state["f\u{0}"] = serde_json::from_str("1.5e300").unwrap();
     want_state["g"] = serde_json::from_str("2.5e-8").unwrap();

@@ -1,0 +1,205 @@
+//! Folds: the thread's unfolded log entries into the store, exactly once, then a trim.
+//!
+//! A fold reads the log in pages up to the end it saw when it began, applies each page's
+//! entries above the store's watermark in one [`crate::store::Store::apply_batch`] (which
+//! skips what is already applied, so overlapping folds on any replicas are harmless), and
+//! only then purges what it covered, keeping the last two minutes for idempotent retries.
+//! Every step of a fold has a deadline (each NATS request [`super::log::NATS_TIMEOUT`], each
+//! page's store transaction [`STEP_TIMEOUT`]): a fold that stops making progress (NATS or
+//! the store unreachable) fails within seconds and releases its lock, keeping the pages it
+//! committed, so the next trigger folds promptly once the backends answer. A fold that keeps
+//! making progress is never cut short, however long the run it folds.
+
+use super::Buffered;
+use super::log::{Body, LogEntry};
+use crate::id::ThreadId;
+use crate::store::{Expect, StoreError, Write, now_ms};
+use crate::write::{Error, FoldReport, Result};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Longest one page of a fold may spend in the store; a page transaction runs to completion
+/// on its own even when the fold stops waiting for it.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest back-off between failed fold attempts of one thread.
+const MAX_FOLD_BACKOFF: Duration = Duration::from_secs(30);
+
+impl Buffered {
+    /// Folds the thread's buffered tail into the store, exactly once, then trims the log.
+    pub async fn fold(&self, id: &ThreadId) -> Result<FoldReport> {
+        let lock = self.fold_locks.get(id);
+        let folded = {
+            // Held only by a fold that keeps making progress (see the module docs).
+            let _guard = lock.lock().await;
+            self.fold_locked(id).await
+        };
+        match &folded {
+            Ok(r) => {
+                self.counters.folds.inc();
+                self.counters.folded_entries.inc_by(r.applied);
+                self.log.notify_flushed(id, r.version).await;
+            }
+            Err(Error::Store(StoreError::NotFound)) => {}
+            Err(e) => {
+                self.counters.fold_failures.inc();
+                tracing::warn!(thread = %id, error = %e, "fold failed; the tail stays buffered");
+            }
+        }
+        folded
+    }
+
+    async fn fold_locked(&self, id: &ThreadId) -> Result<FoldReport> {
+        let Some(last) = self.log.last(id).await? else {
+            let version = self.store.version(id).await?;
+            return Ok(FoldReport {
+                version,
+                applied: 0,
+            });
+        };
+        if last.is_tombstone() {
+            return self.finish_delete(id).await;
+        }
+        let watermark = match self.store.version(id).await {
+            Ok(w) => w,
+            Err(StoreError::NotFound) => {
+                // A thread that is gone: whatever is left can never be folded.
+                self.log.purge(id, Some(last.seq + 1)).await?;
+                return Err(StoreError::NotFound.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let window_start = now_ms() - self.keep_folded.as_millis() as i64;
+        let mut version = watermark;
+        let mut applied = 0;
+        let mut first_seq = None;
+        // The first entry to keep: a recent one (for retries).
+        let mut keep_from = None;
+        let mut reader = self.log.reader(id, None).await?;
+        while let Some(page) = reader.next_page(super::PAGE).await? {
+            first_seq.get_or_insert(page[0].seq);
+            if keep_from.is_none() {
+                keep_from = page.iter().find(|e| e.at >= window_start).map(|e| e.seq);
+            }
+            if page.iter().any(LogEntry::is_tombstone) {
+                return self.finish_delete(id).await;
+            }
+            let entries: Vec<Write> = page
+                .iter()
+                .filter(|e| e.version > version && e.seq <= last.seq)
+                .filter_map(LogEntry::write)
+                .collect();
+            if entries.is_empty() {
+                continue;
+            }
+            let count = entries.len() as u64;
+            let applying = tokio::time::timeout(STEP_TIMEOUT, self.store.apply_batch(id, &entries));
+            let Ok(applied_page) = applying.await else {
+                return Err(StoreError::Unavailable(format!(
+                    "a fold page of thread {id} took longer than {STEP_TIMEOUT:?}"
+                ))
+                .into());
+            };
+            version = match applied_page {
+                Ok(v) => v,
+                // An entry the store refuses (written by an older version beyond today's
+                // limits): never skipped, never retried blindly; the fold is blocked.
+                Err(StoreError::InvalidDelta(e)) => {
+                    return Err(Error::FoldBlocked(format!(
+                        "an entry of thread {id} no longer applies ({e}); it stays in the log"
+                    )));
+                }
+                Err(StoreError::InvalidThread { field, message }) => {
+                    return Err(Error::FoldBlocked(format!(
+                        "an entry of thread {id} no longer applies ({field}: {message}); \
+                         it stays in the log"
+                    )));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            applied += count;
+        }
+        // Trim what is folded (everything read up to `last`), keeping recent entries.
+        let before = keep_from.unwrap_or(last.seq + 1);
+        // Every entry below `before` was applied or was already at or below the watermark
+        // (entries a concurrent fold trimmed under the reader were folded by it).
+        if first_seq.is_some_and(|first| first < before) {
+            self.log.purge(id, Some(before)).await?;
+        }
+        Ok(FoldReport { version, applied })
+    }
+
+    /// The log ends in a tombstone: the thread is gone from the store and the log.
+    async fn finish_delete(&self, id: &ThreadId) -> Result<FoldReport> {
+        match self.store.delete(id, Expect::Any).await {
+            Ok(()) | Err(StoreError::NotFound) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.log.purge(id, None).await?;
+        self.remember(id, None);
+        Err(StoreError::NotFound.into())
+    }
+
+    /// Folds every buffered thread (start-up recovery and shutdown).
+    pub async fn fold_all(&self) -> Result<usize> {
+        let threads = self.log.threads().await?;
+        let mut folded = 0;
+        for id in &threads {
+            if self.fold(id).await.is_ok() {
+                folded += 1;
+            }
+        }
+        Ok(folded)
+    }
+
+    /// Folds threads whose newest entry is older than the idle age, until cancelled;
+    /// failures back off per thread, doubling up to [`MAX_FOLD_BACKOFF`].
+    pub(super) async fn sweep(self: Arc<Self>, shutdown: CancellationToken) {
+        let interval = (self.fold_idle / 2).max(Duration::from_millis(100));
+        let mut backoff: HashMap<ThreadId, (tokio::time::Instant, Duration)> = HashMap::new();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+            let Ok(threads) = self.log.threads().await else {
+                continue;
+            };
+            let buffered: std::collections::HashSet<&ThreadId> = threads.iter().collect();
+            backoff.retain(|id, _| buffered.contains(id));
+            for id in threads {
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                if backoff
+                    .get(&id)
+                    .is_some_and(|(until, _)| *until > tokio::time::Instant::now())
+                {
+                    continue;
+                }
+                let idle = match self.log.last(&id).await {
+                    Ok(Some(last)) => {
+                        now_ms() - last.at >= self.fold_idle.as_millis() as i64
+                            || last.body == Body::Deleted
+                    }
+                    _ => false,
+                };
+                if !idle {
+                    continue;
+                }
+                match self.fold(&id).await {
+                    Ok(_) | Err(Error::Store(StoreError::NotFound)) => {
+                        backoff.remove(&id);
+                    }
+                    Err(_) => {
+                        let next = backoff
+                            .get(&id)
+                            .map_or(interval, |(_, d)| (*d * 2).min(MAX_FOLD_BACKOFF));
+                        backoff.insert(id, (tokio::time::Instant::now() + next, next));
+                    }
+                }
+            }
+        }
+    }
+}

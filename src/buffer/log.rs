@@ -1,0 +1,874 @@
+//! Each thread's log in NATS JetStream: subjects, encoding, reading, following and trimming.
+//!
+//! This is the only code that knows how a log entry looks on the wire (a JSON payload plus
+//! `Tg-*` headers), what subject a thread's log lives on, and what a tombstone is. Everything
+//! else (the buffered write path, folds, the live hub) goes through [`Log`].
+//!
+//! **Every read knows its end before it starts.** A read first asks for the subject's newest
+//! message (one request), then fetches forward until it has seen that sequence. A fold that
+//! trims the log under a reader cannot make it wait for messages that no longer exist: a fetch
+//! that comes back empty before the end means the rest was trimmed, and a trimmed range is by
+//! construction already in the store. Every request has a deadline ([`NATS_TIMEOUT`]); pages
+//! are bounded in count and bytes, so no read holds a whole log in memory.
+
+use crate::id::ThreadId;
+use crate::model::{ChangeSet, Extra, Thread};
+use crate::store::{Change, IdempotencyKey, Incarnation, Write};
+use crate::write::{Error, Result};
+use async_nats::HeaderMap;
+use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::message::StreamMessage;
+use async_nats::jetstream::response::Response;
+use async_nats::jetstream::{self, consumer, context::PublishErrorKind, stream};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Deadline of any one request to NATS (publish, get, consumer create, fetch).
+pub const NATS_TIMEOUT: Duration = Duration::from_secs(5);
+/// Safety-net retention of the log stream; folds happen long before this.
+pub const MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// JetStream's de-duplication window for `Idempotency-Key` retries: longer than a client's
+/// retry loop, short enough that the server's memory of message ids stays small.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(600);
+/// Messages a read fetches one by one (one request each) before it creates a consumer: most
+/// reads (the entries after a cached head, a short unfolded tail) end within these.
+const SINGLE_READS: usize = 4;
+/// Most bytes one page of a read holds (besides its count bound).
+const PAGE_BYTES: usize = 8 << 20;
+/// How long one pull waits for messages that are not there (only when the log was trimmed
+/// under the reader: otherwise the read stops at its known end first).
+const FETCH_EXPIRES: Duration = Duration::from_secs(1);
+/// A reader's consumer is removed by the server this long after its last fetch, so an
+/// abandoned read leaves nothing behind.
+const READER_IDLE: Duration = Duration::from_secs(10);
+/// Undecodable messages remembered as already set aside (so each is copied once).
+const DEAD_SEEN: usize = 4_096;
+
+const H_VERSION: &str = "Tg-Version";
+const H_IDEM_KEY: &str = "Tg-Idem-Key";
+const H_IDEM_FP: &str = "Tg-Idem-Fp";
+
+/// The payload of a log message (the same tags as [`Change`], plus the tombstone).
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "kind", content = "body", rename_all = "snake_case")]
+enum Payload {
+    Delta(ChangeSet),
+    Replace(Thread),
+    Metadata(Extra),
+    Deleted,
+}
+
+/// What a log entry records.
+#[derive(Debug, Clone, PartialEq)]
+// Nearly every entry is a write: boxing it would cost an allocation per entry read.
+#[allow(clippy::large_enum_variant)]
+pub enum Body {
+    /// A write.
+    Write(Change),
+    /// The thread was deleted at this version; nothing after it belongs to that thread.
+    Deleted,
+}
+
+/// One decoded log message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogEntry {
+    /// Its stream sequence: the compare-and-set position and the trim position.
+    pub seq: u64,
+    /// The thread version it produced.
+    pub version: u64,
+    /// Unix milliseconds when JetStream stored it.
+    pub at: i64,
+    /// What it records.
+    pub body: Body,
+    /// The idempotency key it was written with.
+    pub idempotency: Option<IdempotencyKey>,
+}
+
+impl LogEntry {
+    /// True for a delete's tombstone.
+    pub fn is_tombstone(&self) -> bool {
+        self.body == Body::Deleted
+    }
+
+    /// The write it records (`None` for a tombstone).
+    pub fn write(&self) -> Option<Write> {
+        match &self.body {
+            Body::Write(change) => Some(Write {
+                version: self.version,
+                at: self.at,
+                change: change.clone(),
+                idempotency: self.idempotency.clone(),
+            }),
+            Body::Deleted => None,
+        }
+    }
+}
+
+/// A publish that JetStream took.
+#[derive(Debug, Clone, Copy)]
+pub struct Published {
+    /// The stream sequence it got (for a duplicate: the original's).
+    pub seq: u64,
+    /// True when JetStream had the message id already: nothing new was stored.
+    pub duplicate: bool,
+}
+
+/// Why a publish did not go through.
+#[derive(Debug)]
+pub enum PublishFailure {
+    /// Another writer appended to the subject first (the compare-and-set lost).
+    Conflict,
+    /// Any other failure.
+    Error(Error),
+}
+
+/// What a follower reports.
+#[derive(Debug)]
+// Mostly entries, moved on at once: not worth an allocation each.
+#[allow(clippy::large_enum_variant)]
+pub enum Followed {
+    /// A new entry on the thread's subject.
+    Entry(LogEntry),
+    /// A fold put every write up to this version into the store.
+    Flushed(u64),
+    /// The follower may have missed entries (reconnect, undecodable message).
+    Resync,
+}
+
+/// The notice a fold publishes on the thread's event subject.
+#[derive(Serialize, Deserialize)]
+struct FlushedNotice {
+    flushed: u64,
+}
+
+/// How to reach NATS and name things there.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// NATS server URL(s), comma-separated.
+    pub url: String,
+    /// Namespaces the stream and subjects: `[A-Za-z0-9_-]+`.
+    pub prefix: String,
+    /// How long start-up keeps retrying an unreachable server.
+    pub startup_timeout: Duration,
+}
+
+/// The JetStream log of every thread (see the module docs). Cheap to clone.
+#[derive(Clone)]
+pub struct Log {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    stream: stream::Stream,
+    prefix: Arc<str>,
+    max_payload: usize,
+    dead_seen: Arc<quick_cache::sync::Cache<u64, ()>>,
+    dead_letters: prometheus_client::metrics::counter::Counter,
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::LogUnavailable(format!("{what}: {e}"))
+}
+
+/// Runs a NATS request with [`NATS_TIMEOUT`].
+async fn timed<T, E: std::fmt::Display>(
+    what: &str,
+    f: impl std::future::Future<Output = std::result::Result<T, E>>,
+) -> Result<T> {
+    match tokio::time::timeout(NATS_TIMEOUT, f).await {
+        Ok(r) => r.map_err(|e| unavailable(what, e)),
+        Err(_) => Err(unavailable(what, "timed out")),
+    }
+}
+
+impl Log {
+    /// Connects (retrying an unreachable server for `startup_timeout`) and creates the log
+    /// and dead-letter streams if they do not exist.
+    pub async fn connect(config: &LogConfig) -> anyhow::Result<Log> {
+        anyhow::ensure!(
+            !config.prefix.is_empty()
+                && config
+                    .prefix
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'),
+            "--nats-prefix must be letters, digits, `_` or `-`"
+        );
+        let client = crate::app::retry_startup("NATS", config.startup_timeout, || async {
+            async_nats::ConnectOptions::new()
+                .connection_timeout(NATS_TIMEOUT)
+                .request_timeout(Some(NATS_TIMEOUT))
+                .connect(config.url.as_str())
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot connect to NATS: {e}"))
+        })
+        .await?;
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(NATS_TIMEOUT);
+        let prefix = config.prefix.as_str();
+        let stream = js
+            .get_or_create_stream(stream::Config {
+                name: format!("{prefix}_log"),
+                subjects: vec![format!("{prefix}.log.>")],
+                retention: stream::RetentionPolicy::Limits,
+                storage: stream::StorageType::File,
+                discard: stream::DiscardPolicy::New,
+                max_age: MAX_AGE,
+                duplicate_window: DUPLICATE_WINDOW,
+                allow_direct: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot create the JetStream stream: {e}"))?;
+        js.get_or_create_stream(stream::Config {
+            name: format!("{prefix}_dead"),
+            subjects: vec![format!("{prefix}.dead.>")],
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot create the dead-letter stream: {e}"))?;
+        let max_payload = client.server_info().max_payload;
+        Ok(Log {
+            client,
+            js,
+            stream,
+            prefix: prefix.into(),
+            max_payload,
+            dead_seen: Arc::new(quick_cache::sync::Cache::new(DEAD_SEEN)),
+            dead_letters: Default::default(),
+        })
+    }
+
+    /// Counts undecodable messages set aside (exported at `/metrics`).
+    pub fn dead_letters(&self) -> &prometheus_client::metrics::counter::Counter {
+        &self.dead_letters
+    }
+
+    /// The JetStream stream holding every thread's log.
+    pub fn stream_name(&self) -> String {
+        format!("{}_log", self.prefix)
+    }
+
+    /// The subject of the thread's log.
+    pub fn subject(&self, id: &ThreadId) -> String {
+        format!("{}.log.{}", self.prefix, id.encoded())
+    }
+
+    /// Core-NATS subject for notices that are not log entries (`flushed`).
+    fn event_subject(&self, id: &ThreadId) -> String {
+        format!("{}.ev.{}", self.prefix, id.encoded())
+    }
+
+    /// The largest payload the log takes (headers and framing need some of the server's).
+    pub fn max_entry(&self) -> usize {
+        self.max_payload.saturating_sub(1024)
+    }
+
+    /// Whether the client is connected right now.
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Whether NATS answers (for `/readyz`).
+    pub async fn ping(&self) -> Result<()> {
+        if !self.is_connected() {
+            return Err(Error::LogUnavailable("not connected to NATS".into()));
+        }
+        timed("flush", self.client.flush()).await
+    }
+
+    /// Encodes a write (or a tombstone) as a payload.
+    pub fn encode(change: Option<&Change>) -> Result<bytes::Bytes> {
+        let payload = match change {
+            Some(Change::Delta(d)) => serde_json::to_vec(&PayloadRef::Delta(d)),
+            Some(Change::Replace(t)) => serde_json::to_vec(&PayloadRef::Replace(t)),
+            Some(Change::Metadata(m)) => serde_json::to_vec(&PayloadRef::Metadata(m)),
+            None => serde_json::to_vec(&Payload::Deleted),
+        };
+        payload
+            .map(Into::into)
+            .map_err(|e| Error::Store(crate::store::StoreError::Internal(e.to_string())))
+    }
+
+    /// Publishes an encoded entry as `version`, only if the subject's last sequence is still
+    /// `expected_seq` (0: empty). With a key, the message id makes a retry a duplicate within
+    /// [`DUPLICATE_WINDOW`]; the incarnation keeps a re-created thread's ids apart.
+    pub async fn publish(
+        &self,
+        id: &ThreadId,
+        payload: bytes::Bytes,
+        version: u64,
+        expected_seq: u64,
+        key: Option<(&IdempotencyKey, Incarnation)>,
+    ) -> std::result::Result<Published, PublishFailure> {
+        if payload.len() > self.max_entry() {
+            return Err(PublishFailure::Error(Error::TooLarge {
+                size: payload.len(),
+                limit: self.max_entry(),
+            }));
+        }
+        let mut publish = jetstream::context::Publish::build()
+            .payload(payload)
+            .expected_last_subject_sequence(expected_seq)
+            .header(H_VERSION, version.to_string().as_str());
+        if let Some((key, incarnation)) = key {
+            publish = publish
+                .message_id(format!("{}:{incarnation}:{}", id.encoded(), key.key))
+                .header(H_IDEM_KEY, key.key.as_str())
+                .header(H_IDEM_FP, key.fingerprint.as_str());
+        }
+        let sent = async { self.js.send_publish(self.subject(id), publish).await?.await };
+        match tokio::time::timeout(NATS_TIMEOUT, sent).await {
+            Ok(Ok(ack)) => Ok(Published {
+                seq: ack.sequence,
+                duplicate: ack.duplicate,
+            }),
+            Ok(Err(e)) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                Err(PublishFailure::Conflict)
+            }
+            Ok(Err(e)) => Err(PublishFailure::Error(unavailable("publish", e))),
+            // The message may or may not have been stored: the caller re-reads the head.
+            Err(_) => Err(PublishFailure::Error(unavailable("publish", "timed out"))),
+        }
+    }
+
+    /// The newest entry of the thread's log, if any.
+    pub async fn last(&self, id: &ThreadId) -> Result<Option<LogEntry>> {
+        let got = tokio::time::timeout(
+            NATS_TIMEOUT,
+            self.stream
+                .get_last_raw_message_by_subject(&self.subject(id)),
+        )
+        .await
+        .map_err(|_| unavailable("last entry", "timed out"))?;
+        match got {
+            Ok(m) => self.decode_raw(id, &m).await.map(Some),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(unavailable("last entry", e)),
+        }
+    }
+
+    /// The entry at stream sequence `seq`, if it is still there.
+    pub async fn get(&self, id: &ThreadId, seq: u64) -> Result<Option<LogEntry>> {
+        let got = tokio::time::timeout(NATS_TIMEOUT, self.stream.get_raw_message(seq))
+            .await
+            .map_err(|_| unavailable("get entry", "timed out"))?;
+        match got {
+            Ok(m) => self.decode_raw(id, &m).await.map(Some),
+            Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(unavailable("get entry", e)),
+        }
+    }
+
+    /// The first entry of the thread's log at or after stream sequence `seq`, asked of the
+    /// stream's leader (a direct get could be answered by a lagging replica).
+    async fn next_from(&self, id: &ThreadId, seq: u64) -> Result<Option<LogEntry>> {
+        #[derive(Deserialize)]
+        struct Got {
+            message: stream::RawMessage,
+        }
+        let request = serde_json::json!({ "seq": seq, "next_by_subj": self.subject(id) });
+        let subject = format!("STREAM.MSG.GET.{}", self.stream_name());
+        let got: Response<Got> = timed("next entry", self.js.request(subject, &request)).await?;
+        match got {
+            Response::Ok(Got { message }) => {
+                let m =
+                    StreamMessage::try_from(message).map_err(|e| unavailable("next entry", e))?;
+                self.decode_raw(id, &m).await.map(Some)
+            }
+            Response::Err { error } if error.error_code() == ErrorCode::NO_MESSAGE_FOUND => {
+                Ok(None)
+            }
+            Response::Err { error } => Err(unavailable("next entry", error)),
+        }
+    }
+
+    /// A reader of the thread's entries from stream sequence `from` (the start when `None`)
+    /// up to the newest entry at the time of this call.
+    pub async fn reader(&self, id: &ThreadId, from: Option<u64>) -> Result<LogReader> {
+        let end = self.last(id).await?.map_or(0, |e| e.seq);
+        let next = from.unwrap_or(1).max(1);
+        Ok(LogReader {
+            log: self.clone(),
+            id: id.clone(),
+            next,
+            end,
+            consumer: None,
+            singles_left: SINGLE_READS,
+            done: end == 0 || next > end,
+        })
+    }
+
+    /// Removes the thread's messages with sequence below `before` (all when `None`).
+    pub async fn purge(&self, id: &ThreadId, before: Option<u64>) -> Result<()> {
+        let purge = self.stream.purge().filter(self.subject(id));
+        let purged = async {
+            match before {
+                Some(seq) => purge.sequence(seq).await,
+                None => purge.await,
+            }
+        };
+        timed("purge", purged).await.map(|_| ())
+    }
+
+    /// Tells every replica's followers of the thread that the store holds everything up to
+    /// `version` (best effort: a lost notice only delays a `flushed` event).
+    pub async fn notify_flushed(&self, id: &ThreadId, version: u64) {
+        let Ok(payload) = serde_json::to_vec(&FlushedNotice { flushed: version }) else {
+            return;
+        };
+        let _ = tokio::time::timeout(
+            NATS_TIMEOUT,
+            self.client.publish(self.event_subject(id), payload.into()),
+        )
+        .await;
+    }
+
+    /// The ids of every thread with messages in the log.
+    pub async fn threads(&self) -> Result<Vec<ThreadId>> {
+        let listed = async {
+            let mut stream = self.stream.clone();
+            let info = stream.info().await.map_err(|e| e.to_string())?;
+            if info.state.messages == 0 {
+                return Ok(Vec::new());
+            }
+            let mut subjects = self
+                .stream
+                .info_with_subjects(format!("{}.log.>", self.prefix))
+                .await
+                .map_err(|e| e.to_string())?;
+            let prefix = format!("{}.log.", self.prefix);
+            let mut out = Vec::new();
+            while let Some(item) = subjects.next().await {
+                let (subject, _) = item.map_err(|e| e.to_string())?;
+                if let Some(id) = subject.strip_prefix(&prefix).and_then(ThreadId::decode) {
+                    out.push(id);
+                }
+            }
+            Ok::<_, String>(out)
+        };
+        // Listing many subjects takes several round trips: a longer, still bounded wait.
+        match tokio::time::timeout(NATS_TIMEOUT * 6, listed).await {
+            Ok(r) => r.map_err(|e| unavailable("list subjects", e)),
+            Err(_) => Err(unavailable("list subjects", "timed out")),
+        }
+    }
+
+    /// Follows the thread's new entries (those after stream sequence `after_seq`; new ones only
+    /// when 0) and its `flushed` notices.
+    pub async fn follow(&self, id: &ThreadId, after_seq: u64) -> Result<LogFollower> {
+        let notices = timed("subscribe", self.client.subscribe(self.event_subject(id))).await?;
+        let (consumer, messages) = self.open_follow(id, after_seq).await?;
+        let stats = self.client.statistics();
+        let connects = stats.connects.load(std::sync::atomic::Ordering::Relaxed);
+        Ok(LogFollower {
+            log: self.clone(),
+            id: id.clone(),
+            consumer,
+            messages,
+            notices,
+            notices_open: true,
+            last_seq: after_seq,
+            stats,
+            connects,
+            reopen: false,
+            last_resync: None,
+            check: tokio::time::interval(FOLLOW_CHECK),
+        })
+    }
+
+    async fn open_follow(
+        &self,
+        id: &ThreadId,
+        after_seq: u64,
+    ) -> Result<(String, consumer::pull::Ordered)> {
+        let deliver_policy = match after_seq {
+            0 => consumer::DeliverPolicy::New,
+            seq => consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: seq + 1,
+            },
+        };
+        let opened = async {
+            let consumer = self
+                .js
+                .create_consumer_on_stream(
+                    consumer::pull::OrderedConfig {
+                        filter_subject: self.subject(id),
+                        deliver_policy,
+                        ..Default::default()
+                    },
+                    &*self.stream_name(),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            let name = consumer.cached_info().name.clone();
+            let messages = consumer.messages().await.map_err(|e| e.to_string())?;
+            Ok::<_, String>((name, messages))
+        };
+        timed("follow", opened).await
+    }
+
+    /// Decodes a message got by sequence; an undecodable one is set aside and stops the caller.
+    async fn decode_raw(&self, id: &ThreadId, m: &StreamMessage) -> Result<LogEntry> {
+        let at = (m.time.unix_timestamp_nanos() / 1_000_000) as i64;
+        match decode(Some(&m.headers), &m.payload) {
+            Ok((version, body, idempotency)) => Ok(LogEntry {
+                seq: m.sequence,
+                version,
+                at,
+                body,
+                idempotency,
+            }),
+            Err(why) => Err(self
+                .set_aside(
+                    id,
+                    m.sequence,
+                    Some(m.headers.clone()),
+                    m.payload.clone(),
+                    why,
+                )
+                .await),
+        }
+    }
+
+    /// Copies an undecodable message to the dead-letter stream (once), counts and logs it, and
+    /// returns the error that blocks the thread's fold. The message stays in the log.
+    async fn set_aside(
+        &self,
+        id: &ThreadId,
+        seq: u64,
+        headers: Option<HeaderMap>,
+        payload: bytes::Bytes,
+        why: String,
+    ) -> Error {
+        let subject = format!("{}.dead.{}", self.prefix, id.encoded());
+        if self.dead_seen.get(&seq).is_none() {
+            self.dead_seen.insert(seq, ());
+            self.dead_letters.inc();
+            tracing::error!(thread = %id, seq, %why, "undecodable log message set aside");
+            let mut h = headers.unwrap_or_default();
+            h.insert("Tg-Original-Seq", seq.to_string().as_str());
+            h.insert("Nats-Msg-Id", format!("dead-{seq}").as_str());
+            let copied = async {
+                self.js
+                    .publish_with_headers(subject.clone(), h, payload)
+                    .await?
+                    .await
+            };
+            let _ = tokio::time::timeout(NATS_TIMEOUT, copied).await;
+        }
+        Error::FoldBlocked(format!(
+            "log message {seq} of thread {id} does not decode ({why}); it was copied to \
+             {subject} and left in place"
+        ))
+    }
+}
+
+/// The payload of a write, borrowed for encoding.
+#[derive(Serialize)]
+#[serde(tag = "kind", content = "body", rename_all = "snake_case")]
+enum PayloadRef<'a> {
+    Delta(&'a ChangeSet),
+    Replace(&'a Thread),
+    Metadata(&'a Extra),
+}
+
+/// Decodes a log message: its version header, body and idempotency key.
+fn decode(
+    headers: Option<&HeaderMap>,
+    payload: &[u8],
+) -> std::result::Result<(u64, Body, Option<IdempotencyKey>), String> {
+    let headers = headers.ok_or("no headers")?;
+    let version = headers
+        .get(H_VERSION)
+        .and_then(|v| v.as_str().parse::<u64>().ok())
+        .ok_or("no valid Tg-Version header")?;
+    let body = match serde_json::from_slice(payload).map_err(|e| e.to_string())? {
+        Payload::Delta(d) => Body::Write(Change::Delta(d)),
+        Payload::Replace(t) => Body::Write(Change::Replace(t)),
+        Payload::Metadata(m) => Body::Write(Change::Metadata(m)),
+        Payload::Deleted => Body::Deleted,
+    };
+    let idempotency = match (headers.get(H_IDEM_KEY), headers.get(H_IDEM_FP)) {
+        (Some(k), Some(f)) => Some(IdempotencyKey {
+            key: k.as_str().to_owned(),
+            fingerprint: f.as_str().to_owned(),
+        }),
+        _ => None,
+    };
+    Ok((version, body, idempotency))
+}
+
+/// A bounded, paged read of one thread's log (see [`Log::reader`]).
+pub struct LogReader {
+    log: Log,
+    id: ThreadId,
+    /// The next stream sequence to read.
+    next: u64,
+    /// The newest sequence when the read began: the read ends there.
+    end: u64,
+    consumer: Option<consumer::PullConsumer>,
+    /// Messages still to be read one by one before a consumer is created.
+    singles_left: usize,
+    done: bool,
+}
+
+impl LogReader {
+    /// The next page of at most `max` entries (and about [`PAGE_BYTES`]), oldest first;
+    /// `None` once the end is reached or the rest was trimmed.
+    pub async fn next_page(&mut self, max: usize) -> Result<Option<Vec<LogEntry>>> {
+        if self.done {
+            return Ok(None);
+        }
+        let max = max.max(1);
+        let mut page = Vec::new();
+        if self.consumer.is_none() {
+            // Short reads (the common case) need no consumer: one request per message, for
+            // the first few messages of the read.
+            while self.singles_left > 0 && page.len() < max && self.next <= self.end {
+                self.singles_left -= 1;
+                match self.log.next_from(&self.id, self.next).await? {
+                    Some(e) if e.seq <= self.end => {
+                        self.next = e.seq + 1;
+                        page.push(e);
+                    }
+                    // Nothing up to the end is left: trimmed under us, so already folded.
+                    _ => self.next = self.end + 1,
+                }
+            }
+            if self.next > self.end {
+                self.done = true;
+                return Ok((!page.is_empty()).then_some(page));
+            }
+            if !page.is_empty() {
+                return Ok(Some(page));
+            }
+            self.consumer = Some(self.create_consumer().await?);
+        }
+        let Some(consumer) = &self.consumer else {
+            return Ok(None);
+        };
+        // Not a no-wait fetch: NATS 2.9 leaves one unanswered when the subject was purged
+        // under the consumer. A pull that expires ends on its own; in the normal case the
+        // read stops at the end it knows long before that.
+        let fetch = consumer
+            .batch()
+            .max_messages(max)
+            .max_bytes(PAGE_BYTES.max(self.log.max_payload + 65_536))
+            .expires(FETCH_EXPIRES)
+            .messages();
+        let mut batch = timed("fetch", fetch).await?;
+        loop {
+            let msg = match tokio::time::timeout(NATS_TIMEOUT, batch.next()).await {
+                Ok(Some(Ok(msg))) => msg,
+                // The pull ended early (its byte budget): the next page continues.
+                Ok(Some(Err(_))) if !page.is_empty() => break,
+                Ok(Some(Err(e))) => return Err(unavailable("fetch", e)),
+                Ok(None) => break,
+                Err(_) => return Err(unavailable("fetch", "timed out")),
+            };
+            let info = msg.info().map_err(|e| unavailable("fetch", e))?;
+            let seq = info.stream_sequence;
+            let at = (info.published.unix_timestamp_nanos() / 1_000_000) as i64;
+            match decode(msg.headers.as_ref(), &msg.payload) {
+                Ok((version, body, idempotency)) => page.push(LogEntry {
+                    seq,
+                    version,
+                    at,
+                    body,
+                    idempotency,
+                }),
+                Err(why) => {
+                    let (headers, payload) = (msg.headers.clone(), msg.payload.clone());
+                    return Err(self
+                        .log
+                        .set_aside(&self.id, seq, headers, payload, why)
+                        .await);
+                }
+            }
+            self.next = seq + 1;
+            if seq >= self.end {
+                break;
+            }
+        }
+        if self.next > self.end {
+            self.done = true;
+        } else if page.is_empty() {
+            // A fetch that finds nothing before the end: the rest was trimmed (folded) under
+            // us, which one request confirms; anything else is an inconsistent read.
+            if let Some(e) = self.log.next_from(&self.id, self.next).await?
+                && e.seq <= self.end
+            {
+                return Err(unavailable(
+                    "fetch",
+                    format!("entry {} was not delivered", e.seq),
+                ));
+            }
+            self.done = true;
+        }
+        page.retain(|e| e.seq <= self.end);
+        Ok((!page.is_empty()).then_some(page))
+    }
+
+    /// Reads every remaining entry into memory: only for reads known to be short.
+    pub async fn collect(mut self, max: usize) -> Result<Vec<LogEntry>> {
+        let mut out = Vec::new();
+        while let Some(page) = self.next_page(max).await? {
+            out.extend(page);
+        }
+        Ok(out)
+    }
+
+    async fn create_consumer(&self) -> Result<consumer::PullConsumer> {
+        let config = consumer::pull::Config {
+            filter_subject: self.log.subject(&self.id),
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: self.next,
+            },
+            ack_policy: consumer::AckPolicy::None,
+            inactive_threshold: READER_IDLE,
+            memory_storage: true,
+            num_replicas: 1,
+            ..Default::default()
+        };
+        timed("create reader", self.log.stream.create_consumer(config)).await
+    }
+}
+
+/// How often a follower checks whether the client reconnected (its consumer may be gone).
+const FOLLOW_CHECK: Duration = Duration::from_secs(1);
+
+/// Follows one thread's log for the live hub (see [`Log::follow`]): an ordered consumer
+/// (what JetStream stored, in order; a plain subscription would also see publishes that lost
+/// a compare-and-set) reopened after the last sequence seen whenever the client reconnects,
+/// plus the thread's `flushed` notices.
+pub struct LogFollower {
+    log: Log,
+    id: ThreadId,
+    consumer: String,
+    messages: consumer::pull::Ordered,
+    notices: async_nats::Subscriber,
+    notices_open: bool,
+    last_seq: u64,
+    stats: Arc<async_nats::Statistics>,
+    connects: u64,
+    reopen: bool,
+    last_resync: Option<tokio::time::Instant>,
+    check: tokio::time::Interval,
+}
+
+impl LogFollower {
+    /// The next event; `None` never comes while the follower is healthy (it reconnects).
+    pub async fn next(&mut self) -> Option<Followed> {
+        loop {
+            if self.reopen {
+                match self.log.open_follow(&self.id, self.last_seq).await {
+                    Ok((name, messages)) => {
+                        self.consumer = name;
+                        self.messages = messages;
+                        self.reopen = false;
+                        return Some(Followed::Resync);
+                    }
+                    Err(e) => {
+                        tracing::warn!(thread = %self.id, error = %e, "live follower could not reopen; retrying");
+                        self.check.tick().await;
+                        continue;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = self.check.tick() => {
+                    let now = self.stats.connects.load(std::sync::atomic::Ordering::Relaxed);
+                    if now != self.connects && self.log.is_connected() {
+                        self.connects = now;
+                        self.reopen = true;
+                    }
+                }
+                msg = self.messages.next() => match msg {
+                    Some(Ok(msg)) => {
+                        let Ok(info) = msg.info() else { continue };
+                        let seq = info.stream_sequence;
+                        self.last_seq = self.last_seq.max(seq);
+                        let at = (info.published.unix_timestamp_nanos() / 1_000_000) as i64;
+                        match decode(msg.headers.as_ref(), &msg.payload) {
+                            Ok((version, body, idempotency)) => {
+                                return Some(Followed::Entry(LogEntry { seq, version, at, body, idempotency }));
+                            }
+                            Err(why) => {
+                                tracing::warn!(thread = %self.id, %why, "undecodable log message skipped by the live follower");
+                                return Some(Followed::Resync);
+                            }
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(thread = %self.id, error = %e, "live follower error");
+                        if self.last_resync.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
+                            self.last_resync = Some(tokio::time::Instant::now());
+                            return Some(Followed::Resync);
+                        }
+                    }
+                    None => self.reopen = true,
+                },
+                notice = self.notices.next(), if self.notices_open => match notice {
+                    Some(n) => {
+                        if let Ok(notice) = serde_json::from_slice::<FlushedNotice>(&n.payload) {
+                            return Some(Followed::Flushed(notice.flushed));
+                        }
+                    }
+                    // Only on client shutdown; the log still feeds the follower.
+                    None => self.notices_open = false,
+                },
+            }
+        }
+    }
+
+    /// Removes the follower's consumer now (it would expire on its own).
+    pub async fn close(self) {
+        let LogFollower {
+            log,
+            consumer,
+            messages,
+            ..
+        } = self;
+        drop(messages);
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            log.js
+                .delete_consumer_from_stream(&consumer, &*log.stream_name()),
+        )
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_round_trip() {
+        let delta: ChangeSet = serde_json::from_value(serde_json::json!({
+            "run_id": "r", "reason": "RunFinished", "messages": [], "patches": []
+        }))
+        .unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(H_VERSION, "7");
+        for change in [
+            Some(Change::Delta(delta)),
+            Some(Change::Metadata(Extra::new())),
+            Some(Change::Replace(Thread::new("t"))),
+            None,
+        ] {
+            let bytes = Log::encode(change.as_ref()).unwrap();
+            let (version, body, key) = decode(Some(&h), &bytes).unwrap();
+            assert_eq!(version, 7);
+            assert_eq!(key, None);
+            match (change, body) {
+                (Some(c), Body::Write(b)) => assert_eq!(c, b),
+                (None, Body::Deleted) => {}
+                (c, b) => panic!("{c:?} came back as {b:?}"),
+            }
+        }
+        assert!(decode(None, b"{}").is_err());
+        assert!(decode(Some(&h), b"{\"kind\":\"nope\"}").is_err());
+    }
+}

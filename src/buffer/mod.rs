@@ -1,0 +1,313 @@
+//! Buffered writes (`--nats-url`): every write is an entry in the thread's JetStream log,
+//! folded into the snapshot store later.
+//!
+//! * [`log`]: the log itself (subjects, encoding, bounded reads, following, trimming).
+//! * [`write`](self#writes): appends publish with JetStream's expected-last-subject-sequence, so
+//!   the version is a compare-and-set that holds across replicas, and answer once JetStream
+//!   has stored the entry. Each process caches the head of recently written threads (their
+//!   last sequence, version and state) in a cache bounded in bytes (`--head-cache`); a miss
+//!   re-reads the store and the log.
+//! * [`fold`](self#folds): a fold applies the entries above the store's watermark in pages
+//!   through [`crate::store::Store::apply_batch`] (exactly once: the store skips what it
+//!   already has), and only then trims what it covered. Folds run at run end, on flush, for
+//!   idle threads, at start-up (recovery) and at shutdown; nothing needs a durable consumer,
+//!   so any number of folds on any number of replicas can overlap safely.
+//!
+//! Retention: the stream keeps messages for [`log::MAX_AGE`] at most (a safety net, never
+//! the mechanism). Folded entries younger than two minutes are kept a little longer, so most
+//! `Idempotency-Key` retries find their original in the log; later ones (within JetStream's
+//! duplicate window) are answered from the keys the store remembered when it folded them.
+
+mod fold;
+pub mod log;
+mod write;
+
+use crate::id::ThreadId;
+use crate::model::{ChangeSet, Extra, Thread};
+use crate::store::record::Record;
+use crate::store::{DynStore, Expect, IdempotencyKey, Incarnation, Snapshot};
+use crate::write::{AppendOutcome, FoldReport, Result, WritePath};
+use async_trait::async_trait;
+use log::{Log, LogConfig};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Default byte budget of the head cache.
+pub const DEFAULT_HEAD_CACHE_BYTES: u64 = 64 << 20;
+/// Idle per-thread locks are pruned once this many exist (pruning scans them all).
+const PRUNE_LOCKS_ABOVE: usize = 1_024;
+/// Entries per page of a log read: bounds the memory of every read and the size of each
+/// fold transaction, while keeping per-transaction overhead small.
+pub const PAGE: usize = 1_000;
+
+/// What buffered mode needs besides the store.
+#[derive(Debug, Clone)]
+pub struct BufferConfig {
+    /// How to reach NATS.
+    pub log: LogConfig,
+    /// Threads whose newest entry is older than this are folded by the sweeper.
+    pub fold_idle: Duration,
+    /// Bytes of thread state the head cache may hold (roughly: JSON text size).
+    pub head_cache_bytes: u64,
+    /// Folded entries younger than this stay in the log, so most `Idempotency-Key` retries
+    /// find their original there without asking the store.
+    pub keep_folded: Duration,
+}
+
+/// Counters exported at `/metrics`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Writes published to the log.
+    pub appends: Counter,
+    /// Completed folds.
+    pub folds: Counter,
+    /// Entries folds applied.
+    pub folded_entries: Counter,
+    /// Folds that failed (retried later).
+    pub fold_failures: Counter,
+    /// Appends retried after losing a compare-and-set.
+    pub cas_retries: Counter,
+}
+
+/// The head of a thread as this process last saw it.
+#[derive(Debug, Clone)]
+struct Head {
+    /// The subject's last stream sequence (0 when empty): the compare-and-set position.
+    seq: u64,
+    version: u64,
+    incarnation: Incarnation,
+    /// The current state with every buffered entry applied: validates the next delta.
+    state: Value,
+    /// Approximate bytes held, for the cache's budget.
+    weight: u64,
+}
+
+/// Weighs cached heads by their approximate size.
+#[derive(Clone)]
+struct HeadWeight;
+
+impl quick_cache::Weighter<ThreadId, Arc<Head>> for HeadWeight {
+    fn weight(&self, id: &ThreadId, head: &Arc<Head>) -> u64 {
+        head.weight + id.as_str().len() as u64 + 64
+    }
+}
+
+type HeadCache = quick_cache::sync::Cache<ThreadId, Arc<Head>, HeadWeight>;
+
+/// The buffered write path (see the module docs).
+pub struct Buffered {
+    log: Log,
+    store: DynStore,
+    heads: HeadCache,
+    /// Serialises folds of one thread within this process (other replicas are safe anyway).
+    fold_locks: KeyedLocks,
+    /// Serialises this process's writes to one thread, so local writers queue instead of
+    /// racing each other's compare-and-set (only other replicas can make a publish retry).
+    write_locks: KeyedLocks,
+    fold_idle: Duration,
+    keep_folded: Duration,
+    counters: Counters,
+    /// Where background work (recovery, sweeper, run-end folds) runs, so shutdown can wait.
+    tasks: TaskTracker,
+    /// This value's own handle, for tasks it spawns.
+    me: std::sync::Weak<Buffered>,
+}
+
+impl Buffered {
+    /// Connects to NATS (creating the streams if needed).
+    pub async fn connect(
+        config: &BufferConfig,
+        store: DynStore,
+        tasks: TaskTracker,
+    ) -> anyhow::Result<Arc<Self>> {
+        let log = Log::connect(&config.log).await?;
+        let capacity = config.head_cache_bytes.max(1);
+        let heads = HeadCache::with_weighter(
+            (capacity / 4096).clamp(16, 1 << 20) as usize,
+            capacity,
+            HeadWeight,
+        );
+        Ok(Arc::new_cyclic(|me| Buffered {
+            log,
+            store,
+            heads,
+            fold_locks: KeyedLocks::default(),
+            write_locks: KeyedLocks::default(),
+            fold_idle: config.fold_idle,
+            keep_folded: config.keep_folded,
+            counters: Counters::default(),
+            tasks,
+            me: me.clone(),
+        }))
+    }
+
+    /// A handle on this value for spawned tasks.
+    fn handle(&self) -> std::sync::Weak<Buffered> {
+        self.me.clone()
+    }
+
+    /// The log, for the live hub.
+    pub fn log(&self) -> &Log {
+        &self.log
+    }
+
+    /// Starts start-up recovery and the idle sweeper; both end with `shutdown`.
+    pub fn start(self: &Arc<Self>, shutdown: CancellationToken) {
+        let b = self.clone();
+        let stop = shutdown.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                folded = b.fold_all() => match folded {
+                    Ok(n) => tracing::info!(threads = n, "start-up recovery folded buffered threads"),
+                    Err(e) => tracing::warn!(error = %e, "start-up recovery failed; the sweeper retries"),
+                },
+            }
+        });
+        self.tasks.spawn(self.clone().sweep(shutdown));
+    }
+
+    /// Registers the counters.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        let c = &self.counters;
+        for (name, help, counter) in [
+            (
+                "threadgate_buffered_appends",
+                "Writes published to the log",
+                &c.appends,
+            ),
+            ("threadgate_folds", "Completed folds", &c.folds),
+            (
+                "threadgate_folded_entries",
+                "Log entries applied to the store by folds",
+                &c.folded_entries,
+            ),
+            (
+                "threadgate_fold_failures",
+                "Folds that failed and will be retried",
+                &c.fold_failures,
+            ),
+            (
+                "threadgate_cas_retries",
+                "Appends retried after losing a compare-and-set race",
+                &c.cas_retries,
+            ),
+            (
+                "threadgate_dead_letters",
+                "Undecodable log messages set aside",
+                self.log.dead_letters(),
+            ),
+        ] {
+            registry.register(name, help, counter.clone());
+        }
+    }
+
+    fn cached(&self, id: &ThreadId) -> Option<Arc<Head>> {
+        self.heads.get(id)
+    }
+
+    fn remember(&self, id: &ThreadId, head: Option<Head>) {
+        match head {
+            Some(h) => self.heads.insert(id.clone(), Arc::new(h)),
+            None => {
+                self.heads.remove(id);
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl WritePath for Buffered {
+    async fn create(&self, id: &ThreadId, thread: Thread) -> Result<Snapshot> {
+        self.create_thread(id, thread).await
+    }
+
+    async fn append(
+        &self,
+        id: &ThreadId,
+        delta: ChangeSet,
+        expect: Expect,
+        idempotency: Option<&IdempotencyKey>,
+    ) -> Result<AppendOutcome> {
+        self.append_delta(id, delta, expect, idempotency).await
+    }
+
+    async fn replace(&self, id: &ThreadId, thread: Thread, expect: Expect) -> Result<u64> {
+        let change = crate::store::Change::Replace(thread);
+        Ok(self.write(id, Some(change), expect, None).await?.version)
+    }
+
+    async fn patch_metadata(&self, id: &ThreadId, patch: Extra, expect: Expect) -> Result<u64> {
+        let change = crate::store::Change::Metadata(patch);
+        Ok(self.write(id, Some(change), expect, None).await?.version)
+    }
+
+    async fn delete(&self, id: &ThreadId, expect: Expect) -> Result<()> {
+        self.delete_thread(id, expect).await
+    }
+
+    async fn flush(&self, id: &ThreadId) -> Result<FoldReport> {
+        self.fold(id).await
+    }
+
+    async fn live(&self, id: &ThreadId) -> Result<Option<Record>> {
+        self.live_record(id).await.map(Some)
+    }
+
+    async fn live_version(&self, id: &ThreadId) -> Result<Option<u64>> {
+        Ok(Some(self.head(id, true).await?.version))
+    }
+
+    async fn ready(&self) -> Result<()> {
+        self.log.ping().await
+    }
+
+    async fn shutdown(&self) {
+        match self.fold_all().await {
+            Ok(n) => tracing::info!(threads = n, "folded buffered threads at shutdown"),
+            Err(e) => tracing::warn!(error = %e, "shutdown fold failed; recovery will fold"),
+        }
+    }
+}
+
+/// One async mutex per thread id, dropped when nobody holds or waits for it.
+#[derive(Default)]
+struct KeyedLocks(Mutex<HashMap<ThreadId, Arc<tokio::sync::Mutex<()>>>>);
+
+impl KeyedLocks {
+    fn get(&self, id: &ThreadId) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if locks.len() > PRUNE_LOCKS_ABOVE {
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        locks.entry(id.clone()).or_default().clone()
+    }
+}
+
+/// Roughly how many bytes a value holds (its JSON text size plus per-node overhead);
+/// iterative, so safe on any value.
+fn approx_size(v: &Value) -> u64 {
+    let mut total = 0u64;
+    let mut stack = vec![v];
+    while let Some(v) = stack.pop() {
+        total += 16;
+        match v {
+            Value::String(s) => total += s.len() as u64,
+            Value::Array(items) => stack.extend(items),
+            Value::Object(map) => {
+                for (k, v) in map {
+                    total += k.len() as u64 + 8;
+                    stack.push(v);
+                }
+            }
+            _ => {}
+        }
+    }
+    total
+}

@@ -1,0 +1,326 @@
+//! Live events: every write of a thread, fanned out to its SSE subscribers in version order.
+//!
+//! Why a hub: a browser that loads a snapshot at version `V` and then follows the thread must
+//! see `V+1, V+2, …` exactly once, across reconnects, replicas, folds and slow networks. The
+//! usual bugs (a gap between "read" and "subscribe", doubled text after a reconnect, a slow
+//! reader stalling everyone, one broker consumer per browser) all come from mixing those
+//! concerns per connection. Here they are separated:
+//!
+//! * **One upstream per thread per process** ([`topic`]): a bounded broadcast channel shared
+//!   by every local subscriber of the thread. Where its writes come from is the
+//!   [`source::LiveSource`] chosen at start-up: in direct mode the write path publishes each
+//!   committed write ([`Hub::publish`]); in buffered mode one task per topic follows the
+//!   thread's JetStream log (only what JetStream stored, in order), plus `flushed` notices.
+//!   No NATS consumer exists per browser.
+//! * **Per subscriber: attach first, then replay, then live** ([`subscriber`]), de-duplicated
+//!   by version, with catch-ups served from the topic's recent items or, one page at a time,
+//!   from the source's replay (the store's bounded history and, in buffered mode, the
+//!   unfolded log). A position older than anything replayable gets `reset` — never a silent
+//!   gap — and so does a position of an earlier life of the thread id, when the client says
+//!   which life it followed (`incarnation`).
+//! * **Slow consumers** fall behind in the bounded channel without holding anyone up; when one
+//!   resumes it goes through the same catch-up. Memory per thread is bounded by the channel
+//!   capacity, per subscriber by one replay page.
+//! * **Outages**: a catch-up that cannot reach the store or NATS keeps the stream and its
+//!   position and retries with back-off (an `EventSource` would give up on a 503 reconnect).
+//!
+//! Keep-alive comments carry the version the subscriber has reached (`: keep-alive 42`).
+//! Streams end when the shutdown token is cancelled, so graceful shutdown never waits on them;
+//! upstream tasks run on the gateway's task tracker.
+
+pub mod events;
+pub mod source;
+mod subscriber;
+mod topic;
+
+use crate::id::ThreadId;
+use crate::store::{Incarnation, Write};
+use crate::write::Result;
+use bytes::Bytes;
+use events::{Item, ResetEvent, SnapshotEvent, deleted_item, frame, write_item};
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use source::LiveSource;
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use subscriber::Subscriber;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use topic::Topic;
+
+/// Default interval of keep-alive comments on an idle stream.
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(15);
+/// Default capacity of each thread's channel (events a subscriber may fall behind before it
+/// is caught up from the replay sources).
+pub const DEFAULT_CHANNEL_CAPACITY: usize = 256;
+/// Backend replays running at once (reconnect storms must not swamp the store).
+const MAX_CONCURRENT_REPLAYS: usize = 32;
+/// Writes per catch-up page: what one subscriber may have queued from a replay.
+const REPLAY_PAGE: usize = 64;
+/// Queued frames are coalesced into writes of up to this size.
+const COALESCE_BYTES: usize = 64 * 1024;
+/// Live items handled per wake-up before yielding a write.
+const BURST: usize = 64;
+/// Back-off between catch-up attempts while the store or NATS is unreachable.
+const RETRY_MIN: Duration = Duration::from_millis(500);
+/// Longest back-off between catch-up attempts.
+const RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// How streams behave.
+#[derive(Debug, Clone, Copy)]
+pub struct LiveConfig {
+    /// Keep-alive comment interval on an idle stream.
+    pub keepalive: Duration,
+    /// Per-thread channel capacity (and how many recent items a topic keeps for catch-ups).
+    pub channel_capacity: usize,
+}
+
+impl Default for LiveConfig {
+    fn default() -> Self {
+        LiveConfig {
+            keepalive: DEFAULT_KEEPALIVE,
+            channel_capacity: DEFAULT_CHANNEL_CAPACITY,
+        }
+    }
+}
+
+/// The hub's metrics (`/metrics`).
+#[derive(Debug, Default)]
+pub struct LiveMetrics {
+    /// Open SSE streams.
+    pub streams: Gauge,
+    /// Threads with at least one local subscriber (one upstream each).
+    pub topics: Gauge,
+    /// Write events sent to subscribers.
+    pub events: Counter,
+    /// Times a subscriber fell more than the channel capacity behind.
+    pub lagged: Counter,
+    /// Catch-ups that read the store or the log.
+    pub replays: Counter,
+    /// `reset` events sent.
+    pub resets: Counter,
+}
+
+impl LiveMetrics {
+    /// Registers every metric.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "threadgate_sse_streams",
+            "Open SSE streams",
+            self.streams.clone(),
+        );
+        registry.register(
+            "threadgate_sse_topics",
+            "Threads followed by at least one local SSE stream (one upstream each)",
+            self.topics.clone(),
+        );
+        for (name, help, counter) in [
+            (
+                "threadgate_sse_events",
+                "Write events (delta, snapshot, metadata) sent to SSE streams",
+                &self.events,
+            ),
+            (
+                "threadgate_sse_lagged",
+                "Times an SSE subscriber fell behind its thread's bounded channel",
+                &self.lagged,
+            ),
+            (
+                "threadgate_sse_replays",
+                "SSE catch-ups served from the store or the log",
+                &self.replays,
+            ),
+            (
+                "threadgate_sse_resets",
+                "SSE reset events sent (position older than what can be replayed)",
+                &self.resets,
+            ),
+        ] {
+            registry.register(name, help, counter.clone());
+        }
+    }
+}
+
+/// A replay page as framed items.
+struct Replay {
+    items: Vec<Arc<Item>>,
+    head: u64,
+    resume: Option<u64>,
+}
+
+/// The process-wide live hub: one per gateway.
+pub struct Hub {
+    source: Arc<dyn LiveSource>,
+    shutdown: CancellationToken,
+    config: LiveConfig,
+    topics: Mutex<HashMap<ThreadId, Arc<Topic>>>,
+    replays: Semaphore,
+    tasks: TaskTracker,
+    /// Exported at `/metrics`.
+    pub metrics: LiveMetrics,
+}
+
+impl Hub {
+    /// A hub serving from `source`; streams end with `shutdown`, upstreams run on `tasks`.
+    pub fn new(
+        source: Arc<dyn LiveSource>,
+        shutdown: CancellationToken,
+        tasks: TaskTracker,
+        config: LiveConfig,
+    ) -> Arc<Self> {
+        Arc::new(Hub {
+            source,
+            shutdown,
+            config: LiveConfig {
+                keepalive: config.keepalive.max(Duration::from_millis(10)),
+                channel_capacity: config.channel_capacity.max(1),
+            },
+            topics: Mutex::new(HashMap::new()),
+            replays: Semaphore::new(MAX_CONCURRENT_REPLAYS),
+            tasks,
+            metrics: LiveMetrics::default(),
+        })
+    }
+
+    fn topic(&self, id: &ThreadId) -> Option<Arc<Topic>> {
+        self.topics.lock().ok()?.get(id).cloned()
+    }
+
+    /// Reports a write committed by this process (direct mode). Cheap when nobody follows
+    /// the thread.
+    pub fn publish(&self, id: &ThreadId, write: &Write) {
+        if let Some(topic) = self.topic(id) {
+            topic.deliver(write_item(id, write), self.config.channel_capacity);
+        }
+    }
+
+    /// Reports a deleted thread (direct mode); its subscribers get `deleted` and end.
+    pub fn publish_deleted(&self, id: &ThreadId) {
+        let topic = self.topics.lock().ok().and_then(|mut t| {
+            let removed = t.remove(id);
+            self.metrics.topics.set(t.len() as i64);
+            removed
+        });
+        if let Some(topic) = topic {
+            topic.deliver(deleted_item(0), self.config.channel_capacity);
+        }
+    }
+
+    /// One page of what the replay sources hold from `next` on, framed.
+    async fn replay(
+        &self,
+        id: &ThreadId,
+        next: u64,
+        limit: usize,
+        resume: Option<u64>,
+    ) -> Result<Replay> {
+        let _permit = self.replays.acquire().await;
+        self.metrics.replays.inc();
+        let page = self.source.replay(id, next, limit, resume).await?;
+        Ok(Replay {
+            items: page
+                .writes
+                .iter()
+                .map(|w| Arc::new(write_item(id, w)))
+                .collect(),
+            head: page.head,
+            resume: page.resume,
+        })
+    }
+
+    /// The thread now, as a `snapshot` frame.
+    async fn snapshot(&self, id: &ThreadId) -> Result<(Bytes, u64)> {
+        let snap = self.source.snapshot(id).await?;
+        let version = snap.version;
+        let data = SnapshotEvent {
+            version,
+            thread: events::SnapshotThread {
+                thread: snap.to_wire(),
+                incarnation: Some(snap.incarnation),
+            },
+        };
+        Ok((frame("snapshot", Some(version), &data), version))
+    }
+
+    /// Opens a subscriber's stream: attach, position it (cursor, snapshot, or the head),
+    /// replay, then follow live. Errors (404, 503) happen here, before any event. With
+    /// `incarnation`, a position of another life of the thread id is answered with `reset`.
+    pub async fn open(
+        self: &Arc<Self>,
+        id: ThreadId,
+        cursor: Option<u64>,
+        snapshot: bool,
+        incarnation: Option<Incarnation>,
+    ) -> Result<BoxStream<'static, std::result::Result<Bytes, Infallible>>> {
+        let sub = self.subscribe(&id).await?;
+        let mut client = Subscriber::new(self.clone(), id.clone(), sub, snapshot);
+        let stale = match incarnation {
+            Some(seen) => self.source.incarnation(&id).await? != seen,
+            None => false,
+        };
+        match cursor {
+            Some(_) if stale => {
+                let head = self.source.head(&id).await?;
+                client
+                    .queue
+                    .push_back(frame("reset", None, &ResetEvent { version: head }));
+                self.metrics.resets.inc();
+                client.done = true;
+            }
+            Some(after) => {
+                client.next = after.saturating_add(1);
+                client.catch_up().await?;
+            }
+            None if snapshot => {
+                let (frame, version) = self.snapshot(&id).await?;
+                client.queue.push_back(frame);
+                client.next = version + 1;
+                client.take_recent();
+            }
+            None => {
+                client.next = self.source.head(&id).await? + 1;
+                client.take_recent();
+            }
+        }
+        Ok(futures::stream::unfold(client, |mut c| async move {
+            c.next_chunk().await.map(|b| (Ok(b), c))
+        })
+        .boxed())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// An idle stream's state is what 10,000 open streams multiply: the rare catch-up path is
+    /// boxed so it does not sit in every stream's future.
+    #[tokio::test]
+    async fn an_idle_stream_is_small() {
+        let store: crate::store::DynStore = std::sync::Arc::new(crate::store::MemoryStore::new());
+        let hub = super::Hub::new(
+            std::sync::Arc::new(super::source::StoreSource::new(store)),
+            tokio_util::sync::CancellationToken::new(),
+            tokio_util::task::TaskTracker::new(),
+            super::LiveConfig::default(),
+        );
+        let id = crate::id::ThreadId::parse("x").unwrap();
+        let sub = hub.subscribe(&id).await.unwrap();
+        let mut c = super::Subscriber::new(hub.clone(), id, sub, false);
+        assert!(
+            std::mem::size_of_val(&c) < 512,
+            "{}",
+            std::mem::size_of_val(&c)
+        );
+        let next = c.next_chunk();
+        assert!(
+            std::mem::size_of_val(&next) < 1024,
+            "{}",
+            std::mem::size_of_val(&next)
+        );
+    }
+}

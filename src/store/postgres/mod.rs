@@ -1,0 +1,355 @@
+//! The PostgreSQL backend.
+//!
+//! Why it looks the way it does:
+//!
+//! * **JSON as text.** Every document (messages, patches, states, metadata, history) is the
+//!   serde_json text of the value, in a `TEXT` column, never `jsonb`: `jsonb` turns `1e+16`
+//!   into an integer and rejects U+0000, and both must round-trip exactly (see
+//!   `docs/wire.md`). serde_json escapes U+0000 as `\u0000`, so its output is always valid
+//!   PostgreSQL text. Client strings that get a column of their own (resource and parent ids,
+//!   message and run ids, idempotency keys) are stored JSON-encoded for the same reason, and
+//!   every lookup compares the encoded form (the encoding is injective). See [`codec`].
+//! * **A row per message and per patch.** An append inserts only the new rows and updates
+//!   the thread row (counts, current state, version), so its cost does not grow with the
+//!   length of the thread; message pages are index range scans on `(thread_id, cursor)`.
+//!   The materialised current state is kept on the thread row so an append validates its
+//!   patches without replaying the thread's patch list. See [`write`].
+//! * **Row locks for compare-and-set.** Every write is one transaction that first locks the
+//!   thread row (`SELECT ... FOR UPDATE`) and checks the expected version or watermark
+//!   against the locked row, so concurrent writers to one thread are serialised by
+//!   PostgreSQL and each gets a distinct, real, committed version; writers to different
+//!   threads never wait for each other.
+//! * **Snapshot reads.** A read that spans several statements runs in one
+//!   `REPEATABLE READ READ ONLY` transaction (or is a single statement), so the version it
+//!   reports matches the data it returns. See [`read`].
+//! * **Transactions nobody can cut in half.** Every transaction runs in a task of its own,
+//!   so a client that hangs up cannot cancel it midway, and on a connection guarded by
+//!   [`Tx`]: sqlx 0.8.4 to 0.9.0 hand a connection back to the pool inside an open
+//!   transaction when a `BEGIN` is cancelled (sqlx issues #4385/#4393, fixed upstream by pull
+//!   request #4394, in no release yet); a [`Tx`] that did not end in `COMMIT` or `ROLLBACK`
+//!   closes its connection instead of returning it.
+
+mod codec;
+mod read;
+mod write;
+
+use super::{
+    Appended, ChangeSet, Expect, History, IdempotencyKey, Incarnation, ListPage, ListQuery,
+    MessagePage, MessageQuery, Result, RunRecord, Snapshot, StateAt, Store, StoreError, Write,
+    now_ms,
+};
+use crate::id::ThreadId;
+use crate::model::{Extra, Thread};
+use async_trait::async_trait;
+use codec::db_err;
+use sqlx::migrate::Migrator;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::{Connection, Executor, Postgres};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// The schema, embedded at compile time. `Migrator::run` takes a PostgreSQL advisory lock
+/// (locking is on by default in sqlx 0.8), so replicas starting together migrate once.
+static MIGRATOR: Migrator = sqlx::migrate!();
+
+/// `BEGIN` of a write transaction.
+const BEGIN_WRITE: &str = "BEGIN";
+/// `BEGIN` of a read that spans several statements: one snapshot for all of them.
+const BEGIN_READ: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY";
+/// `application_name` of the gateway's sessions (unless the URL names one), so an operator
+/// (and the tests) can find them in `pg_stat_activity`.
+pub const APPLICATION_NAME: &str = "threadgate";
+
+/// How the pool talks to PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    /// Connections per gateway process.
+    pub max_connections: u32,
+    /// How long a request waits for a pooled connection before it answers 503.
+    pub acquire_timeout: Duration,
+    /// Server-side bound on any one statement (`statement_timeout`), lock waits included.
+    pub statement_timeout: Duration,
+    /// How long start-up keeps retrying an unreachable server before giving up.
+    pub startup_timeout: Duration,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        PgOptions {
+            // Writes hold a connection only for a short transaction, and several replicas
+            // must fit under PostgreSQL's default limit of 100.
+            max_connections: 10,
+            // Past this the database is effectively unreachable: a quick 503, not a hang.
+            acquire_timeout: Duration::from_secs(5),
+            // Longer than any healthy statement (a 1,000-entry fold chunk takes < 1 s).
+            statement_timeout: Duration::from_secs(30),
+            startup_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A thread's snapshot in PostgreSQL; see the module docs.
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+impl PostgresStore {
+    /// Connects to `url` (any libpq-style URL sqlx accepts, e.g. with
+    /// `?options=-c%20search_path%3Dmy_schema`) and applies pending migrations.
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        Self::connect_opts(url, &PgOptions::default()).await
+    }
+
+    /// [`PostgresStore::connect`] with explicit pool settings; an unreachable server is
+    /// retried with back-off for `startup_timeout`.
+    pub async fn connect_opts(url: &str, opts: &PgOptions) -> anyhow::Result<Self> {
+        let mut connect = PgConnectOptions::from_str(url)
+            .map_err(|e| anyhow::anyhow!("invalid PostgreSQL URL: {e}"))?;
+        // An `application_name` in the URL wins (several gateways on one database).
+        if connect.get_application_name().is_none() {
+            connect = connect.application_name(APPLICATION_NAME);
+        }
+        let connect = connect.options([(
+            "statement_timeout",
+            opts.statement_timeout.as_millis().to_string(),
+        )]);
+        crate::app::retry_startup("PostgreSQL", opts.startup_timeout, || {
+            Self::connect_with(connect.clone(), opts)
+        })
+        .await
+    }
+
+    /// Connects with explicit options and applies pending migrations (no retry).
+    pub async fn connect_with(connect: PgConnectOptions, opts: &PgOptions) -> anyhow::Result<Self> {
+        // Migrate on a connection of its own, closed afterwards: the migrator's advisory lock
+        // is session-level, so a failed run must not hand a still-locked session to the pool.
+        let mut conn = PgConnection::connect_with(&connect)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL: {e}"))?;
+        MIGRATOR
+            .run(&mut conn)
+            .await
+            .map_err(|e| anyhow::anyhow!("PostgreSQL migration failed: {e}"))?;
+        conn.close().await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(opts.max_connections.max(1))
+            .acquire_timeout(opts.acquire_timeout)
+            .connect_with(connect)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL: {e}"))?;
+        Ok(PostgresStore { pool })
+    }
+}
+
+/// Runs `$body` (an async expression using `$conn: &mut PgConnection`) in a transaction begun
+/// with `$begin`, in a task of its own (see the module docs): it completes even if the caller
+/// stops waiting. A macro, not a closure-taking function: a closure over a higher-ranked
+/// connection lifetime trips rustc's `Send` inference for sqlx futures.
+macro_rules! in_task {
+    ($store:expr, $begin:expr, |$conn:ident| $body:expr) => {{
+        let pool = $store.pool.clone();
+        spawned(async move {
+            let mut tx = Tx::begin(&pool, $begin).await?;
+            let result = {
+                let $conn: &mut PgConnection = &mut *tx.conn;
+                $body.await
+            };
+            tx.end(result).await
+        })
+        .await
+    }};
+}
+
+/// Runs a store operation to completion in its own task.
+async fn spawned<T: Send + 'static>(
+    op: impl std::future::Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    tokio::spawn(op)
+        .await
+        .map_err(|e| StoreError::Internal(format!("store task failed: {e}")))?
+}
+
+/// A pooled connection inside a transaction that this code began itself. Unless it ended in a
+/// successful `COMMIT` or `ROLLBACK`, dropping it closes the connection rather than return it
+/// to the pool, so no later borrower can run inside a stale transaction.
+struct Tx {
+    conn: PoolConnection<Postgres>,
+    open: bool,
+}
+
+impl Tx {
+    async fn begin(pool: &PgPool, begin: &'static str) -> Result<Tx> {
+        let conn = pool.acquire().await.map_err(db_err)?;
+        // Open before BEGIN is sent: a cancellation while it is in flight must close.
+        let mut tx = Tx { conn, open: true };
+        (&mut *tx.conn).execute(begin).await.map_err(db_err)?;
+        Ok(tx)
+    }
+
+    /// Commits after a success, rolls back after a failure, and passes the result on.
+    async fn end<T>(self, result: Result<T>) -> Result<T> {
+        match result {
+            Ok(v) => {
+                self.commit().await?;
+                Ok(v)
+            }
+            Err(e) => {
+                self.rollback().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn commit(mut self) -> Result<()> {
+        (&mut *self.conn).execute("COMMIT").await.map_err(db_err)?;
+        self.open = false;
+        Ok(())
+    }
+
+    async fn rollback(mut self) {
+        if (&mut *self.conn).execute("ROLLBACK").await.is_ok() {
+            self.open = false;
+        }
+    }
+}
+
+impl Drop for Tx {
+    fn drop(&mut self) {
+        if self.open {
+            self.conn.close_on_drop();
+        }
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn create(&self, id: &ThreadId, mut thread: Thread) -> Result<Snapshot> {
+        let current = super::prepare_thread(id, &mut thread)?;
+        let id = id.clone();
+        in_task!(self, BEGIN_WRITE, |c| write::create(
+            c,
+            id,
+            thread,
+            current,
+            now_ms()
+        ))
+    }
+
+    async fn get(&self, id: &ThreadId) -> Result<Snapshot> {
+        let id = id.clone();
+        in_task!(self, BEGIN_READ, |c| read::get(c, id))
+    }
+
+    async fn version(&self, id: &ThreadId) -> Result<u64> {
+        read::version(&self.pool, id).await
+    }
+
+    async fn incarnation(&self, id: &ThreadId) -> Result<Incarnation> {
+        read::incarnation(&self.pool, id).await
+    }
+
+    async fn list(&self, q: &ListQuery) -> Result<ListPage> {
+        read::list(&self.pool, q).await
+    }
+
+    async fn replace(&self, id: &ThreadId, mut thread: Thread, expect: Expect) -> Result<u64> {
+        let current = super::prepare_thread(id, &mut thread)?;
+        let id = id.clone();
+        in_task!(self, BEGIN_WRITE, |c| write::replace(
+            c,
+            id,
+            thread,
+            current,
+            expect,
+            now_ms()
+        ))
+    }
+
+    async fn patch_metadata(&self, id: &ThreadId, mut patch: Extra, expect: Expect) -> Result<u64> {
+        super::strip_server_metadata(&mut patch);
+        let id = id.clone();
+        in_task!(self, BEGIN_WRITE, |c| write::patch_metadata(
+            c,
+            id,
+            patch,
+            expect,
+            now_ms()
+        ))
+    }
+
+    async fn delete(&self, id: &ThreadId, expect: Expect) -> Result<()> {
+        let id = id.clone();
+        in_task!(self, BEGIN_WRITE, |c| write::delete(c, id, expect))
+    }
+
+    async fn append(
+        &self,
+        id: &ThreadId,
+        delta: &ChangeSet,
+        expect: Expect,
+        idempotency: Option<&IdempotencyKey>,
+    ) -> Result<Appended> {
+        let (id, delta, key) = (id.clone(), delta.clone(), idempotency.cloned());
+        in_task!(self, BEGIN_WRITE, |c| write::append(
+            c,
+            id,
+            delta,
+            expect,
+            key,
+            now_ms()
+        ))
+    }
+
+    async fn idempotent(&self, id: &ThreadId, key: &IdempotencyKey) -> Result<Option<Appended>> {
+        let mut conn = self.pool.acquire().await.map_err(db_err)?;
+        match write::remembered(&mut conn, id.as_str(), key).await? {
+            Some(replay) => Ok(Some(replay)),
+            // Unknown key: a missing thread is still NotFound.
+            None => self.version(id).await.map(|_| None),
+        }
+    }
+
+    async fn apply_batch(&self, id: &ThreadId, entries: &[Write]) -> Result<u64> {
+        let (id, entries) = (id.clone(), entries.to_vec());
+        in_task!(self, BEGIN_WRITE, |c| write::apply_batch(
+            c,
+            id,
+            entries,
+            now_ms()
+        ))
+    }
+
+    async fn messages(&self, id: &ThreadId, q: &MessageQuery) -> Result<MessagePage> {
+        read::messages(&self.pool, id, q).await
+    }
+
+    async fn state(&self, id: &ThreadId) -> Result<StateAt> {
+        read::state(&self.pool, id).await
+    }
+
+    async fn history(&self, id: &ThreadId, after: u64, limit: usize) -> Result<History> {
+        read::history(&self.pool, id, after, limit).await
+    }
+
+    async fn runs(&self, id: &ThreadId) -> Result<Vec<RunRecord>> {
+        read::runs(&self.pool, id).await
+    }
+
+    async fn run(&self, id: &ThreadId, run_id: &str) -> Result<RunRecord> {
+        read::run(&self.pool, id, run_id).await
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}

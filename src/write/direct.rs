@@ -1,0 +1,100 @@
+//! Direct mode: every write goes straight to the snapshot store, then to this process's live
+//! hub (after the commit, so a stream never shows a write the store could still refuse).
+
+use super::{AppendOutcome, FoldReport, Result, WritePath};
+use crate::id::ThreadId;
+use crate::live::Hub;
+use crate::model::{ChangeSet, Extra, Thread};
+use crate::store::record::Record;
+use crate::store::{Change, DynStore, Expect, IdempotencyKey, Snapshot, Write, now_ms};
+use async_trait::async_trait;
+use std::sync::Arc;
+
+/// The direct write path.
+pub struct DirectWrites {
+    store: DynStore,
+    hub: Arc<Hub>,
+}
+
+impl DirectWrites {
+    /// Writes to `store` and reports each committed write to `hub`.
+    pub fn new(store: DynStore, hub: Arc<Hub>) -> Self {
+        DirectWrites { store, hub }
+    }
+
+    fn committed(&self, id: &ThreadId, version: u64, change: Change) {
+        self.hub.publish(
+            id,
+            &Write {
+                version,
+                at: now_ms(),
+                change,
+                idempotency: None,
+            },
+        );
+    }
+}
+
+#[async_trait]
+impl WritePath for DirectWrites {
+    async fn create(&self, id: &ThreadId, thread: Thread) -> Result<Snapshot> {
+        Ok(self.store.create(id, thread).await?)
+    }
+
+    async fn append(
+        &self,
+        id: &ThreadId,
+        mut delta: ChangeSet,
+        expect: Expect,
+        idempotency: Option<&IdempotencyKey>,
+    ) -> Result<AppendOutcome> {
+        delta.normalize();
+        let appended = self.store.append(id, &delta, expect, idempotency).await?;
+        if !appended.replayed {
+            self.committed(id, appended.version, Change::Delta(delta));
+        }
+        Ok(AppendOutcome {
+            appended,
+            flushed: None,
+        })
+    }
+
+    async fn replace(&self, id: &ThreadId, mut thread: Thread, expect: Expect) -> Result<u64> {
+        // Prepared here exactly as the store prepares it, so the event shows what was saved.
+        crate::store::prepare_thread(id, &mut thread)?;
+        let version = self.store.replace(id, thread.clone(), expect).await?;
+        self.committed(id, version, Change::Replace(thread));
+        Ok(version)
+    }
+
+    async fn patch_metadata(&self, id: &ThreadId, patch: Extra, expect: Expect) -> Result<u64> {
+        let version = self.store.patch_metadata(id, patch.clone(), expect).await?;
+        self.committed(id, version, Change::Metadata(patch));
+        Ok(version)
+    }
+
+    async fn delete(&self, id: &ThreadId, expect: Expect) -> Result<()> {
+        self.store.delete(id, expect).await?;
+        self.hub.publish_deleted(id);
+        Ok(())
+    }
+
+    async fn flush(&self, id: &ThreadId) -> Result<FoldReport> {
+        Ok(FoldReport {
+            version: self.store.version(id).await?,
+            applied: 0,
+        })
+    }
+
+    async fn live(&self, _: &ThreadId) -> Result<Option<Record>> {
+        Ok(None)
+    }
+
+    async fn live_version(&self, _: &ThreadId) -> Result<Option<u64>> {
+        Ok(None)
+    }
+
+    async fn ready(&self) -> Result<()> {
+        Ok(())
+    }
+}
