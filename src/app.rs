@@ -90,10 +90,9 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
     let token = shutdown.clone();
+    let limits = config.serve_limits();
     let task = tokio::spawn(async move {
-        let served = axum::serve(listener, router(state))
-            .with_graceful_shutdown(token.cancelled_owned())
-            .await;
+        let served = crate::http::serve::serve(listener, router(state), limits, token).await;
         if let Some(b) = buffer {
             // Leave nothing buffered that this process could have folded.
             match tokio::time::timeout(SHUTDOWN_FOLD_TIMEOUT, b.fold_all()).await {

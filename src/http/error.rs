@@ -18,7 +18,7 @@ pub enum ApiError {
     InvalidField { field: String, message: String },
     #[error("{field}: unknown patch op {op:?}")]
     UnknownOp { field: String, op: String },
-    #[error("{field}: invalid thread id: {message}")]
+    #[error("{field}: invalid {}: {message}", if field == "run_id" { "run id" } else { "thread id" })]
     InvalidId { field: String, message: String },
     #[error("{field}: {message}")]
     InvalidPatch { field: String, message: String },
@@ -37,6 +37,8 @@ pub enum ApiError {
     VersionMismatch { expected: u64, current: u64 },
     #[error("Idempotency-Key was already used with a different request body")]
     IdempotencyKeyReused,
+    #[error("the request body did not arrive within {0:?}")]
+    RequestTimeout(std::time::Duration),
     #[error("request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("Content-Type must be application/json")]
@@ -83,6 +85,7 @@ impl ApiError {
             AlreadyExists => StatusCode::CONFLICT,
             VersionMismatch { .. } => StatusCode::PRECONDITION_FAILED,
             IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -105,6 +108,7 @@ impl ApiError {
             AlreadyExists => "already_exists",
             VersionMismatch { .. } => "version_mismatch",
             IdempotencyKeyReused => "idempotency_key_reused",
+            RequestTimeout(_) => "request_timeout",
             PayloadTooLarge { .. } => "payload_too_large",
             UnsupportedMediaType => "unsupported_media_type",
             MethodNotAllowed => "method_not_allowed",

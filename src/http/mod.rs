@@ -6,6 +6,7 @@
 pub mod error;
 pub mod events;
 pub mod extract;
+pub mod serve;
 pub mod threads;
 
 use crate::writer::Writer;

@@ -2,14 +2,16 @@
 
 use super::AppState;
 use super::error::{ApiError, Problem};
-use super::extract::{IdempotencyHeader, IfMatch, IfNoneMatch, JsonBody, PathId, QueryParams};
+use super::extract::{
+    IdempotencyHeader, IfMatch, IfNoneMatch, JsonBody, PathId, PathRunId, QueryParams,
+};
 use crate::buffer::FoldReport;
 use crate::id::ThreadId;
 use crate::model::{ChangeSet, Extra, Message, Thread, TrackedPatch};
 use crate::store::{ListQuery, MessageQuery, Order, RunRecord, ThreadSummary, VisibilityFilter};
 use crate::writer::View;
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
@@ -459,9 +461,9 @@ pub async fn runs(
 pub async fn run(
     State(app): State<AppState>,
     PathId(id): PathId,
-    Path(params): Path<(String, String)>,
+    PathRunId(run_id): PathRunId,
 ) -> Result<Json<RunRecord>, ApiError> {
-    Ok(Json(app.writer.run(&id, &params.1).await?))
+    Ok(Json(app.writer.run(&id, &run_id).await?))
 }
 
 #[utoipa::path(post, path = "/v1/threads/{id}/flush", tag = "threads", params(("id" = String, Path)),

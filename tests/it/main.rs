@@ -2,6 +2,7 @@
 //! HTTP. Behaviour suites run against every backend.
 
 mod buffered;
+mod connections;
 mod cookbook;
 mod crash;
 mod file_store;
