@@ -209,12 +209,20 @@ fn form_urlencoded_parse(q: &str) -> form_urlencoded::Parse<'_> {
     form_urlencoded::parse(q.as_bytes())
 }
 
+/// The largest version a client may name (in `If-Match`, `Last-Event-ID`, `after`): versions
+/// are stored as PostgreSQL `BIGINT` and documented as `int64`, so none is ever larger, and
+/// `version + 1` never overflows.
+pub const MAX_VERSION: u64 = i64::MAX as u64;
+
 /// A version as this server writes it in an entity tag: decimal digits, no sign, no leading
-/// zero (so `"01"` and `"+1"` are tags this server never issued).
+/// zero (so `"01"` and `"+1"` are tags this server never issued), at most [`MAX_VERSION`].
 fn canonical_version(s: &str) -> Option<u64> {
     let canonical =
         !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && (s == "0" || !s.starts_with('0'));
-    canonical.then(|| s.parse().ok()).flatten()
+    canonical
+        .then(|| s.parse().ok())
+        .flatten()
+        .filter(|v| *v <= MAX_VERSION)
 }
 
 /// Weak comparison (`If-None-Match`, RFC 9110 §13.1.2): `"7"`, `W/"7"`, or (leniently) a bare

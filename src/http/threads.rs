@@ -1,6 +1,9 @@
 //! Thread handlers: each parses its input, calls one store operation, and shapes the answer.
 
 use super::AppState;
+use super::doc::{
+    IdempotencyKeyParam, IfMatchParam, IfNoneMatchParam, RunPathParams, ThreadIdParam,
+};
 use super::error::{ApiError, Problem};
 use super::extract::{
     IdempotencyHeader, IfMatch, IfNoneMatch, JsonBody, PathId, PathRunId, QueryParams,
@@ -39,9 +42,13 @@ pub struct CreateThread {
     pub id: Option<String>,
     pub resource_id: Option<String>,
     pub parent_thread_id: Option<String>,
-    #[schema(value_type = Object)]
+    /// The initial state: any JSON value (default `{}`).
+    #[serde(default)]
+    #[schema(value_type = Value)]
     pub state: Option<Value>,
-    #[schema(value_type = Object)]
+    /// Custom metadata keys.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub metadata: Option<Extra>,
     pub messages: Option<Vec<Message>>,
     pub patches: Option<Vec<TrackedPatch>>,
@@ -56,7 +63,7 @@ pub struct ReplaceThread {
     #[serde(default)]
     pub messages: Vec<Message>,
     #[serde(default)]
-    #[schema(value_type = Object)]
+    #[schema(value_type = Value)]
     pub state: Value,
     #[serde(default)]
     pub patches: Vec<TrackedPatch>,
@@ -87,6 +94,7 @@ pub struct ListParams {
     pub resource_id: Option<String>,
     pub parent_thread_id: Option<String>,
     /// 1..200, default 50.
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<usize>,
     /// The `next_cursor` of the previous page.
     pub cursor: Option<String>,
@@ -101,6 +109,7 @@ pub struct MessageParams {
     /// Exclusive upper cursor bound.
     pub before: Option<u64>,
     /// 1..200, default 50.
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<usize>,
     pub order: Option<Order>,
     pub visibility: Option<VisibilityFilter>,
@@ -153,7 +162,8 @@ pub struct MessagePageBody {
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct StateBody {
-    #[schema(value_type = Object)]
+    /// The current state (any JSON value).
+    #[schema(value_type = Value)]
     pub state: Value,
     pub version: u64,
 }
@@ -275,7 +285,7 @@ pub async fn list(
 }
 
 #[utoipa::path(get, path = "/v1/threads/{id}", tag = "threads",
-    params(("id" = String, Path, description = "Thread id"), ViewParams, ("If-None-Match" = Option<String>, Header)),
+    params(ThreadIdParam, ViewParams, IfNoneMatchParam),
     responses((status = 200, body = ThreadView, headers(("ETag" = String))), (status = 304, description = "Not modified"),
         (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub async fn get(
@@ -298,7 +308,7 @@ pub async fn get(
 }
 
 #[utoipa::path(put, path = "/v1/threads/{id}", tag = "threads", request_body = ReplaceThread,
-    params(("id" = String, Path), ("If-Match" = Option<String>, Header, description = "Expected version, e.g. \"3\"")),
+    params(ThreadIdParam, IfMatchParam),
     responses((status = 200, body = VersionBody), (status = 400, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"), (status = 412, body = Problem, content_type = "application/problem+json")))]
 pub async fn replace(
@@ -330,7 +340,7 @@ pub async fn replace(
 
 #[utoipa::path(patch, path = "/v1/threads/{id}", tag = "threads",
     request_body(content = Object, description = "JSON merge patch of custom metadata keys; null removes a key"),
-    params(("id" = String, Path), ("If-Match" = Option<String>, Header)),
+    params(ThreadIdParam, IfMatchParam),
     responses((status = 200, body = VersionBody), (status = 400, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"), (status = 412, body = Problem, content_type = "application/problem+json")))]
 pub async fn patch_metadata(
@@ -344,7 +354,7 @@ pub async fn patch_metadata(
 }
 
 #[utoipa::path(delete, path = "/v1/threads/{id}", tag = "threads",
-    params(("id" = String, Path), ("If-Match" = Option<String>, Header)),
+    params(ThreadIdParam, IfMatchParam),
     responses((status = 204, description = "Deleted"), (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 412, body = Problem, content_type = "application/problem+json")))]
 pub async fn delete(
@@ -357,8 +367,7 @@ pub async fn delete(
 }
 
 #[utoipa::path(post, path = "/v1/threads/{id}/deltas", tag = "threads", request_body = ChangeSet,
-    params(("id" = String, Path), ("If-Match" = Option<String>, Header, description = "Expected current version"),
-        ("Idempotency-Key" = Option<String>, Header, description = "A retry with the same key appends nothing and answers the first result")),
+    params(ThreadIdParam, IfMatchParam, IdempotencyKeyParam),
     responses((status = 200, body = AppendBody, headers(("ETag" = String), ("Idempotent-Replayed" = String))),
         (status = 400, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
@@ -390,7 +399,7 @@ pub async fn append(
 }
 
 #[utoipa::path(get, path = "/v1/threads/{id}/messages", tag = "threads",
-    params(("id" = String, Path), MessageParams),
+    params(ThreadIdParam, MessageParams),
     responses((status = 200, body = MessagePageBody), (status = 400, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub async fn messages(
@@ -435,7 +444,7 @@ pub async fn messages(
     Ok(with_etag(body.version, Json(body)))
 }
 
-#[utoipa::path(get, path = "/v1/threads/{id}/state", tag = "threads", params(("id" = String, Path), ViewParams),
+#[utoipa::path(get, path = "/v1/threads/{id}/state", tag = "threads", params(ThreadIdParam, ViewParams),
     responses((status = 200, body = StateBody), (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub async fn state(
     State(app): State<AppState>,
@@ -446,7 +455,7 @@ pub async fn state(
     Ok(with_etag(version, Json(StateBody { state, version })))
 }
 
-#[utoipa::path(get, path = "/v1/threads/{id}/runs", tag = "runs", params(("id" = String, Path)),
+#[utoipa::path(get, path = "/v1/threads/{id}/runs", tag = "runs", params(ThreadIdParam),
     responses((status = 200, body = Vec<RunRecord>), (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub async fn runs(
     State(app): State<AppState>,
@@ -456,7 +465,7 @@ pub async fn runs(
 }
 
 #[utoipa::path(get, path = "/v1/threads/{id}/runs/{run_id}", tag = "runs",
-    params(("id" = String, Path), ("run_id" = String, Path)),
+    params(RunPathParams),
     responses((status = 200, body = RunRecord), (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub async fn run(
     State(app): State<AppState>,
@@ -466,7 +475,7 @@ pub async fn run(
     Ok(Json(app.writer.run(&id, &run_id).await?))
 }
 
-#[utoipa::path(post, path = "/v1/threads/{id}/flush", tag = "threads", params(("id" = String, Path)),
+#[utoipa::path(post, path = "/v1/threads/{id}/flush", tag = "threads", params(ThreadIdParam),
     responses((status = 200, body = FoldReport, description = "The store now reflects `version`"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 500, body = Problem, content_type = "application/problem+json", description = "fold_blocked: an undecodable log entry"),

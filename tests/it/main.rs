@@ -9,6 +9,7 @@ mod file_store;
 mod harness;
 mod http_api;
 mod live;
+mod openapi;
 mod outage;
 mod pg;
 mod proxy;
