@@ -38,7 +38,13 @@ pub struct ThreadView {
 /// Body of `POST /v1/threads`: every field optional.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct CreateThread {
-    /// Client-chosen id; a UUIDv7 is generated when absent.
+    /// Client-chosen id (the id rule of the `{id}` path parameter); a UUIDv7 is generated
+    /// when absent.
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = r#"^(?:[!"$&-.0->@-\[\]-~]*[!"$&-\-0->@-\[\]-~][!"$&-.0->@-\[\]-~]*|\.{3,})$"#
+    )]
     pub id: Option<String>,
     pub resource_id: Option<String>,
     pub parent_thread_id: Option<String>,
@@ -57,6 +63,12 @@ pub struct CreateThread {
 /// Body of `PUT /v1/threads/{id}`: a full tirea `Thread`; `id`, if sent, must match the path.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct ReplaceThread {
+    /// Must equal the id in the path when present.
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = r#"^(?:[!"$&-.0->@-\[\]-~]*[!"$&-\-0->@-\[\]-~][!"$&-.0->@-\[\]-~]*|\.{3,})$"#
+    )]
     pub id: Option<String>,
     pub resource_id: Option<String>,
     pub parent_thread_id: Option<String>,

@@ -109,11 +109,17 @@ fn id_corpus() -> Vec<String> {
 #[test]
 fn the_documented_id_format_is_the_id_rule() {
     let doc = doc();
-    let schemas = param_schemas(&doc, "id", "path");
+    let mut schemas = param_schemas(&doc, "id", "path");
     assert!(
         schemas.len() >= 11,
         "every thread operation documents the id"
     );
+    for body in ["CreateThread", "ReplaceThread"] {
+        schemas.push((
+            body.into(),
+            &doc["components"]["schemas"][body]["properties"]["id"],
+        ));
+    }
     for (op, s) in schemas {
         let re = regex_of(s);
         let max = s["maxLength"].as_u64().unwrap() as usize;
