@@ -15,7 +15,7 @@ use crate::live::{Hub, LiveConfig};
 use crate::store::{DynStore, PgOptions};
 use crate::write::direct::DirectWrites;
 use crate::write::{Threads, WritePath};
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -173,10 +173,10 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
     let budget = config.shutdown_timeout;
     let token = shutdown.clone();
     let (store, writes) = (parts.store, parts.writes);
+    let mut limits = config.serve_limits();
+    limits.drain_timeout = budget / DRAIN_SHARE;
     let task = tokio::spawn(async move {
-        let serve = axum::serve(listener, router(state))
-            .with_graceful_shutdown(token.clone().cancelled_owned());
-        let served = serve_until(serve.into_future(), &token, budget / DRAIN_SHARE).await;
+        let served = crate::http::serve::serve(listener, router(state), limits, token).await;
         let deadline = Instant::now() + budget - budget / DRAIN_SHARE;
         if tokio::time::timeout_at(deadline, writes.shutdown())
             .await
@@ -205,25 +205,6 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         shutdown,
         task,
     })
-}
-
-/// Serves until the token is cancelled and in-flight requests are done, or `drain` after
-/// the cancellation at the latest.
-async fn serve_until(
-    serve: impl Future<Output = std::io::Result<()>>,
-    token: &CancellationToken,
-    drain: Duration,
-) -> std::io::Result<()> {
-    tokio::select! {
-        served = serve => served,
-        _ = async {
-            token.cancelled().await;
-            tokio::time::sleep(drain).await;
-        } => {
-            tracing::warn!(?drain, "requests still in flight after the drain period; closing");
-            Ok(())
-        }
-    }
 }
 
 /// Runs until SIGTERM or ctrl-c.

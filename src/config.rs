@@ -80,6 +80,31 @@ pub struct Config {
     #[arg(long, env = "THREADGATE_PG_STATEMENT_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub pg_statement_timeout: std::time::Duration,
 
+    /// A request head (request line and headers) must arrive completely within this long of
+    /// the connection's accept, or of the first byte after a keep-alive pause; a client that
+    /// dribbles it more slowly is disconnected. Honest clients send a head in one packet.
+    #[arg(long, env = "THREADGATE_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_timeout)]
+    pub header_read_timeout: std::time::Duration,
+
+    /// A keep-alive connection with no request in progress is closed after this long (so is
+    /// one whose response the client stops accepting). Never applies to an SSE stream in
+    /// progress. Longer than the 60 s that load balancers and proxies commonly keep idle
+    /// upstream connections, so the proxy, not the gateway, closes first.
+    #[arg(long, env = "THREADGATE_IDLE_TIMEOUT", default_value = "75s", value_parser = parse_timeout)]
+    pub idle_timeout: std::time::Duration,
+
+    /// A request body must arrive completely within this long of its head, else `408`.
+    /// A 4 MiB body needs about 34 s at 1 Mbit/s.
+    #[arg(long, env = "THREADGATE_BODY_READ_TIMEOUT", default_value = "60s", value_parser = parse_timeout)]
+    pub body_read_timeout: std::time::Duration,
+
+    /// Client connections open at once (each SSE stream holds one). Further clients wait in
+    /// the listen backlog until one closes, so the gateway never runs out of file descriptors;
+    /// the open-files limit is raised to fit at start-up when the hard limit allows.
+    #[arg(long, env = "THREADGATE_MAX_CONNECTIONS", default_value_t = 1024,
+        value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
+
     /// Log line format.
     #[arg(long, env = "THREADGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -109,6 +134,28 @@ impl Config {
     /// The defaults with the given store, listening on a free loopback port: for tests.
     pub fn for_tests(store: &str) -> Self {
         Config::parse_from(["threadgate", "--listen", "127.0.0.1:0", "--store", store])
+    }
+}
+
+/// Parses a positive duration such as `10s` or `1m30s`.
+pub fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("must be longer than 0".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+impl Config {
+    /// The connection bounds the server loop enforces.
+    pub fn serve_limits(&self) -> crate::http::serve::ServeLimits {
+        crate::http::serve::ServeLimits {
+            header_read_timeout: self.header_read_timeout,
+            idle_timeout: self.idle_timeout,
+            body_read_timeout: self.body_read_timeout,
+            max_connections: self.max_connections as usize,
+            drain_timeout: self.shutdown_timeout / 3,
+        }
     }
 }
 
@@ -155,5 +202,16 @@ mod tests {
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(c.max_body, 4 << 20);
         assert_eq!(c.sse_keepalive, std::time::Duration::from_secs(15));
+        assert_eq!(c.header_read_timeout, std::time::Duration::from_secs(10));
+        assert_eq!(c.idle_timeout, std::time::Duration::from_secs(75));
+        assert_eq!(c.max_connections, 1024);
+    }
+
+    #[test]
+    fn connection_limits_are_validated() {
+        assert!(Config::try_parse_from(["threadgate", "--idle-timeout", "0s"]).is_err());
+        assert!(Config::try_parse_from(["threadgate", "--max-connections", "0"]).is_err());
+        let c = Config::parse_from(["threadgate", "--header-read-timeout", "2s"]);
+        assert_eq!(c.serve_limits().header_read_timeout.as_secs(), 2);
     }
 }

@@ -18,7 +18,7 @@ pub enum ApiError {
     InvalidField { field: String, message: String },
     #[error("{field}: unknown patch op {op:?}")]
     UnknownOp { field: String, op: String },
-    #[error("{field}: invalid thread id: {message}")]
+    #[error("{field}: invalid {}: {message}", if field == "run_id" { "run id" } else { "thread id" })]
     InvalidId { field: String, message: String },
     #[error("{field}: {message}")]
     InvalidPatch { field: String, message: String },
@@ -45,6 +45,8 @@ pub enum ApiError {
          it was not applied again"
     )]
     IdempotencyKeyExpired,
+    #[error("the request body did not arrive within {0:?}")]
+    RequestTimeout(std::time::Duration),
     #[error("request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("Content-Type must be application/json")]
@@ -93,6 +95,7 @@ impl ApiError {
             VersionMismatch { .. } => StatusCode::PRECONDITION_FAILED,
             IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             IdempotencyKeyExpired => StatusCode::CONFLICT,
+            RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -117,6 +120,7 @@ impl ApiError {
             VersionMismatch { .. } => "version_mismatch",
             IdempotencyKeyReused => "idempotency_key_reused",
             IdempotencyKeyExpired => "idempotency_key_expired",
+            RequestTimeout(_) => "request_timeout",
             PayloadTooLarge { .. } => "payload_too_large",
             UnsupportedMediaType => "unsupported_media_type",
             MethodNotAllowed => "method_not_allowed",

@@ -11,7 +11,7 @@
 
 use super::AppState;
 use super::error::{ApiError, Problem};
-use super::extract::{PathId, QueryParams};
+use super::extract::{MAX_VERSION, PathId, QueryParams};
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderValue, header, request::Parts};
@@ -26,7 +26,8 @@ pub struct EventsParams {
     /// Continue after this version (the `version` of a snapshot you loaded, or the last event
     /// `id` you applied). With `Last-Event-ID` too, the later of the two is used (a browser's
     /// reconnect keeps the URL and adds the header). Without either, the stream starts at the
-    /// current head (or with a snapshot, see `snapshot`).
+    /// current head (or with a snapshot, see `snapshot`). At most 9223372036854775807.
+    #[param(maximum = 9223372036854775807_u64)]
     pub after: Option<u64>,
     /// `true`: without a position, the first event is a `snapshot` of the thread (live view)
     /// with `id: <its version>`; with a position that can no longer be replayed, a fresh
@@ -53,9 +54,14 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for LastEventId {
         if s.is_empty() {
             return Ok(LastEventId(None));
         }
-        s.parse()
+        // Digits only: `str::parse` would also take a sign, which no event id has.
+        s.bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| s.parse().ok())
+            .flatten()
+            .filter(|v| *v <= MAX_VERSION)
             .map(|v| LastEventId(Some(v)))
-            .map_err(|_| ApiError::InvalidHeader {
+            .ok_or_else(|| ApiError::InvalidHeader {
                 header: "Last-Event-ID",
                 message: "must be a version (an event id sent by this stream)".into(),
             })
@@ -76,8 +82,7 @@ version the stream has reached. The stream follows the thread across runs until 
 deleted, the client leaves, or the server shuts down.";
 
 #[utoipa::path(get, path = "/v1/threads/{id}/events", tag = "threads",
-    params(("id" = String, Path, description = "Thread id"), EventsParams,
-        ("Last-Event-ID" = Option<String>, Header, description = "The last event id received (sent by EventSource on reconnect); the later of this and `after` is used")),
+    params(super::doc::ThreadIdParam, EventsParams, super::doc::LastEventIdParam),
     responses(
         (status = 200, description = STREAM_DOC, content_type = "text/event-stream", body = String),
         (status = 400, description = "Malformed `after` (invalid_query) or `Last-Event-ID` (invalid_header)", body = Problem, content_type = "application/problem+json"),
@@ -89,6 +94,12 @@ pub async fn events(
     QueryParams(p): QueryParams<EventsParams>,
     LastEventId(last): LastEventId,
 ) -> Result<Response, ApiError> {
+    if p.after.is_some_and(|a| a > MAX_VERSION) {
+        return Err(ApiError::InvalidQuery {
+            field: "after".into(),
+            message: format!("must be a version, at most {MAX_VERSION}"),
+        });
+    }
     let cursor = match (p.after, last) {
         (Some(a), Some(l)) => Some(a.max(l)),
         (a, l) => a.or(l),

@@ -3,6 +3,7 @@
 
 use super::AppState;
 use super::error::ApiError;
+use super::serve::BodyReadTimeout;
 use crate::id::ThreadId;
 use crate::store::{Expect, IdempotencyKey};
 use axum::body::Bytes;
@@ -38,7 +39,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
         }
         let bytes = axum::body::to_bytes(req.into_body(), limit)
             .await
-            .map_err(|_| ApiError::PayloadTooLarge { limit })?;
+            .map_err(|e| body_error(&e, limit))?;
         // Before parsing: nothing deeper than the limit is ever built, stored or echoed.
         let depth = crate::model::limits::body_depth(&bytes);
         if depth > crate::model::limits::MAX_BODY_DEPTH {
@@ -52,6 +53,25 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
         }
         let value = parse_json(&bytes)?;
         Ok(JsonBody { value, bytes })
+    }
+}
+
+/// Why reading a body failed: over the size limit (413), past the body-read deadline (408), or
+/// the client went away or sent a malformed body (400).
+fn body_error(e: &axum::Error, limit: usize) -> ApiError {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if c.is::<http_body_util::LengthLimitError>() {
+            return ApiError::PayloadTooLarge { limit };
+        }
+        if let Some(t) = c.downcast_ref::<BodyReadTimeout>() {
+            return ApiError::RequestTimeout(t.0);
+        }
+        cause = c.source();
+    }
+    ApiError::InvalidField {
+        field: "body".into(),
+        message: format!("could not be read: {e}"),
     }
 }
 
@@ -112,17 +132,7 @@ impl<S: Send + Sync> FromRequestParts<S> for PathId {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let params = axum::extract::RawPathParams::from_request_parts(parts, state)
-            .await
-            .map_err(|e| ApiError::InvalidId {
-                field: "id".into(),
-                message: e.to_string(),
-            })?;
-        let raw = params
-            .iter()
-            .find(|(k, _)| *k == "id")
-            .map(|(_, v)| v.to_owned())
-            .ok_or_else(|| ApiError::Internal("route without {id}".into()))?;
+        let raw = path_param(parts, state, "id").await?;
         ThreadId::parse(&raw)
             .map(PathId)
             .map_err(|e| ApiError::InvalidId {
@@ -130,6 +140,62 @@ impl<S: Send + Sync> FromRequestParts<S> for PathId {
                 message: e.to_string(),
             })
     }
+}
+
+/// The `{run_id}` path segment of `/v1/threads/{id}/runs/{run_id}` (any UTF-8 text: runs are
+/// named by their agents; a name no run has is `404`).
+pub struct PathRunId(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathRunId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        path_param(parts, state, "run_id").await.map(PathRunId)
+    }
+}
+
+/// One percent-decoded path parameter. When any parameter of the route is not UTF-8 once
+/// decoded, the error is `400 invalid_id` naming that parameter (not necessarily `name`: the
+/// route's parameters are decoded together, and the first invalid one is at fault).
+async fn path_param<S: Send + Sync>(
+    parts: &mut Parts,
+    state: &S,
+    name: &'static str,
+) -> Result<String, ApiError> {
+    match axum::extract::RawPathParams::from_request_parts(parts, state).await {
+        Ok(params) => params
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.to_owned())
+            .ok_or_else(|| ApiError::Internal(format!("route without {{{name}}}"))),
+        Err(_) => {
+            let field = invalid_path_param(parts).unwrap_or(name);
+            Err(ApiError::InvalidId {
+                field: field.into(),
+                message: "must be UTF-8 text once percent-decoded".into(),
+            })
+        }
+    }
+}
+
+/// The first path parameter of the matched route whose segment is not UTF-8 once decoded.
+fn invalid_path_param(parts: &Parts) -> Option<&'static str> {
+    let pattern = parts.extensions.get::<axum::extract::MatchedPath>()?;
+    let params = pattern
+        .as_str()
+        .split('/')
+        .zip(parts.uri.path().split('/'))
+        .filter_map(|(p, seg)| Some((p.strip_prefix('{')?.strip_suffix('}')?, seg)));
+    for (param, seg) in params {
+        if percent_encoding::percent_decode_str(seg)
+            .decode_utf8()
+            .is_err()
+        {
+            // The names the routes use, as 'static strings for the problem's `field`.
+            return ["id", "run_id"].into_iter().find(|n| *n == param);
+        }
+    }
+    None
 }
 
 /// Query parameters parsed into `T`, naming the parameter at fault.
@@ -154,36 +220,69 @@ fn form_urlencoded_parse(q: &str) -> form_urlencoded::Parse<'_> {
     form_urlencoded::parse(q.as_bytes())
 }
 
-/// Parses one entity tag holding a version: `"7"`, `W/"7"` or a bare `7`.
-fn parse_version_tag(tag: &str) -> Option<u64> {
+/// The largest version a client may name (in `If-Match`, `Last-Event-ID`, `after`): versions
+/// are stored as PostgreSQL `BIGINT` and documented as `int64`, so none is ever larger, and
+/// `version + 1` never overflows.
+pub const MAX_VERSION: u64 = i64::MAX as u64;
+
+/// A version as this server writes it in an entity tag: decimal digits, no sign, no leading
+/// zero (so `"01"` and `"+1"` are tags this server never issued), at most [`MAX_VERSION`].
+fn canonical_version(s: &str) -> Option<u64> {
+    let canonical =
+        !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && (s == "0" || !s.starts_with('0'));
+    canonical
+        .then(|| s.parse().ok())
+        .flatten()
+        .filter(|v| *v <= MAX_VERSION)
+}
+
+/// Weak comparison (`If-None-Match`, RFC 9110 §13.1.2): `"7"`, `W/"7"`, or (leniently) a bare
+/// `7` all mean version 7.
+fn parse_weak_version_tag(tag: &str) -> Option<u64> {
     let t = tag.trim();
     let t = t.strip_prefix("W/").unwrap_or(t);
     let t = t
         .strip_prefix('"')
         .and_then(|t| t.strip_suffix('"'))
         .unwrap_or(t);
-    t.parse().ok()
+    canonical_version(t)
 }
 
-/// `If-Match: "<version>"` as a write precondition (`*` or absent: any version).
+/// Strong comparison (`If-Match`, RFC 9110 §13.1.1): exactly one strong tag `"7"` as sent in
+/// `ETag`. A weak tag can never match strongly, and this server compares one version.
+fn parse_strong_version_tag(tag: &str) -> Option<u64> {
+    canonical_version(tag.strip_prefix('"')?.strip_suffix('"')?)
+}
+
+/// `If-Match: "<version>"` as a write precondition (`*` or absent: any version). Anything but
+/// one strong tag holding a version, or `*`, is `400 invalid_header`: `W/"1"`, `"+1"`, a bare
+/// `1` and lists would otherwise be a precondition the server cannot evaluate as the client
+/// meant it.
 pub struct IfMatch(pub Expect);
 
 impl<S: Send + Sync> FromRequestParts<S> for IfMatch {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
-        let Some(v) = parts.headers.get(header::IF_MATCH) else {
+        let mut values = parts.headers.get_all(header::IF_MATCH).iter();
+        let Some(v) = values.next() else {
             return Ok(IfMatch(Expect::Any));
         };
         let bad = || ApiError::InvalidHeader {
             header: "If-Match",
-            message: "must be a quoted version such as \"3\", or *".into(),
+            message: "must be one strong entity tag holding a version, as sent in ETag \
+                      (e.g. \"3\"), or *; weak tags (W/), lists and unquoted values are not \
+                      accepted"
+                .into(),
         };
+        if values.next().is_some() {
+            return Err(bad());
+        }
         let s = v.to_str().map_err(|_| bad())?.trim();
         if s == "*" {
             return Ok(IfMatch(Expect::Any));
         }
-        parse_version_tag(s)
+        parse_strong_version_tag(s)
             .map(|v| IfMatch(Expect::Exact(v)))
             .ok_or_else(bad)
     }
@@ -219,7 +318,7 @@ impl<S: Send + Sync> FromRequestParts<S> for IfNoneMatch {
                 if t.trim() == "*" {
                     None
                 } else {
-                    Some(parse_version_tag(t).unwrap_or(u64::MAX))
+                    Some(parse_weak_version_tag(t).unwrap_or(u64::MAX))
                 }
             })
             .collect();

@@ -3,9 +3,11 @@
 //! Handlers are a few lines each: parse (extractors in [`extract`]), call one component,
 //! shape the answer. All errors go through [`error::ApiError`].
 
+pub mod doc;
 pub mod error;
 pub mod events;
 pub mod extract;
+pub mod serve;
 pub mod threads;
 
 use crate::live::Hub;
@@ -13,6 +15,7 @@ use crate::write::Threads;
 use axum::Router;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use doc::CommonResponses;
 use error::ApiError;
 use serde::Serialize;
 use std::sync::Arc;
@@ -34,14 +37,19 @@ pub struct AppState {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "threadgate", description = "HTTP REST + SSE gateway for AI-agent conversation threads (tirea 0.5 wire format)."),
+    info(title = "threadgate", description = "HTTP REST + SSE gateway for AI-agent conversation threads (tirea 0.5 wire format). \
+Errors are `application/problem+json` (RFC 9457) with a stable `code`. Besides the answers listed per operation, \
+any path answers `405 method_not_allowed` for a method it does not list (`#/components/responses/MethodNotAllowed`), \
+and an unknown path `404 not_found`."),
     paths(
         threads::create, threads::list, threads::get, threads::replace, threads::patch_metadata,
         threads::delete, threads::append, threads::messages, threads::state, threads::runs,
-        threads::run, threads::flush, events::events, healthz, readyz
+        threads::run, threads::flush, events::events, healthz, readyz, metrics, openapi
     ),
     components(schemas(error::Problem, Health, crate::live::events::DeltaEvent, crate::live::events::SnapshotEvent,
-        crate::live::events::MetadataEvent, crate::live::events::FlushedEvent, crate::live::events::ResetEvent, crate::live::events::DeletedEvent)),
+        crate::live::events::MetadataEvent, crate::live::events::FlushedEvent, crate::live::events::ResetEvent, crate::live::events::DeletedEvent,
+        crate::write::View, crate::store::Order, crate::store::VisibilityFilter)),
+    modifiers(&CommonResponses),
     tags((name = "threads"), (name = "runs"), (name = "ops"))
 )]
 pub struct ApiDoc;
@@ -106,6 +114,8 @@ async fn readyz(
     }))
 }
 
+#[utoipa::path(get, path = "/openapi.json", tag = "ops",
+    responses((status = 200, description = "This OpenAPI document", content_type = "application/json", body = Object)))]
 async fn openapi() -> Response {
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
@@ -114,6 +124,10 @@ async fn openapi() -> Response {
         .into_response()
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "ops",
+    responses((status = 200, description = "Prometheus metrics in the OpenMetrics text format",
+            content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8", body = String),
+        (status = 500, body = error::Problem, content_type = "application/problem+json")))]
 async fn metrics(
     axum::extract::State(app): axum::extract::State<AppState>,
 ) -> Result<Response, ApiError> {

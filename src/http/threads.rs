@@ -1,14 +1,19 @@
 //! Thread handlers: each parses its input, calls one store operation, and shapes the answer.
 
 use super::AppState;
+use super::doc::{
+    IdempotencyKeyParam, IfMatchParam, IfNoneMatchParam, RunPathParams, ThreadIdParam,
+};
 use super::error::{ApiError, Problem};
-use super::extract::{IdempotencyHeader, IfMatch, IfNoneMatch, JsonBody, PathId, QueryParams};
+use super::extract::{
+    IdempotencyHeader, IfMatch, IfNoneMatch, JsonBody, PathId, PathRunId, QueryParams,
+};
 use crate::id::ThreadId;
 use crate::model::{ChangeSet, Extra, Message, Thread, TrackedPatch};
 use crate::store::{ListQuery, MessageQuery, Order, RunRecord, ThreadSummary, VisibilityFilter};
 use crate::write::{FoldReport, View};
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
@@ -46,13 +51,23 @@ impl ThreadView {
 /// Body of `POST /v1/threads`: every field optional.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct CreateThread {
-    /// Client-chosen id; a UUIDv7 is generated when absent.
+    /// Client-chosen id (the id rule of the `{id}` path parameter); a UUIDv7 is generated
+    /// when absent.
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = r#"^(?:[!"$&-.0->@-\[\]-~]*[!"$&-\-0->@-\[\]-~][!"$&-.0->@-\[\]-~]*|\.{3,})$"#
+    )]
     pub id: Option<String>,
     pub resource_id: Option<String>,
     pub parent_thread_id: Option<String>,
-    #[schema(value_type = Object)]
+    /// The initial state: any JSON value (default `{}`).
+    #[serde(default)]
+    #[schema(value_type = Value)]
     pub state: Option<Value>,
-    #[schema(value_type = Object)]
+    /// Custom metadata keys.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub metadata: Option<Extra>,
     pub messages: Option<Vec<Message>>,
     pub patches: Option<Vec<TrackedPatch>>,
@@ -61,13 +76,19 @@ pub struct CreateThread {
 /// Body of `PUT /v1/threads/{id}`: a full tirea `Thread`; `id`, if sent, must match the path.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct ReplaceThread {
+    /// Must equal the id in the path when present.
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = r#"^(?:[!"$&-.0->@-\[\]-~]*[!"$&-\-0->@-\[\]-~][!"$&-.0->@-\[\]-~]*|\.{3,})$"#
+    )]
     pub id: Option<String>,
     pub resource_id: Option<String>,
     pub parent_thread_id: Option<String>,
     #[serde(default)]
     pub messages: Vec<Message>,
     #[serde(default)]
-    #[schema(value_type = Object)]
+    #[schema(value_type = Value)]
     pub state: Value,
     #[serde(default)]
     pub patches: Vec<TrackedPatch>,
@@ -98,6 +119,7 @@ pub struct ListParams {
     pub resource_id: Option<String>,
     pub parent_thread_id: Option<String>,
     /// 1..200, default 50.
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<usize>,
     /// The `next_cursor` of the previous page.
     pub cursor: Option<String>,
@@ -112,6 +134,7 @@ pub struct MessageParams {
     /// Exclusive upper cursor bound.
     pub before: Option<u64>,
     /// 1..200, default 50.
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<usize>,
     pub order: Option<Order>,
     pub visibility: Option<VisibilityFilter>,
@@ -164,7 +187,8 @@ pub struct MessagePageBody {
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct StateBody {
-    #[schema(value_type = Object)]
+    /// The current state (any JSON value).
+    #[schema(value_type = Value)]
     pub state: Value,
     pub version: u64,
 }
@@ -283,7 +307,7 @@ pub async fn list(
 }
 
 #[utoipa::path(get, path = "/v1/threads/{id}", tag = "threads",
-    params(("id" = String, Path, description = "Thread id"), ViewParams, ("If-None-Match" = Option<String>, Header)),
+    params(ThreadIdParam, ViewParams, IfNoneMatchParam),
     responses((status = 200, body = ThreadView, headers(("ETag" = String))), (status = 304, description = "Not modified"),
         (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub async fn get(
@@ -303,7 +327,7 @@ pub async fn get(
 }
 
 #[utoipa::path(put, path = "/v1/threads/{id}", tag = "threads", request_body = ReplaceThread,
-    params(("id" = String, Path), ("If-Match" = Option<String>, Header, description = "Expected version, e.g. \"3\"")),
+    params(ThreadIdParam, IfMatchParam),
     responses((status = 200, body = VersionBody), (status = 400, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"), (status = 412, body = Problem, content_type = "application/problem+json")))]
 pub async fn replace(
@@ -335,7 +359,7 @@ pub async fn replace(
 
 #[utoipa::path(patch, path = "/v1/threads/{id}", tag = "threads",
     request_body(content = Object, description = "JSON merge patch of custom metadata keys; null removes a key"),
-    params(("id" = String, Path), ("If-Match" = Option<String>, Header)),
+    params(ThreadIdParam, IfMatchParam),
     responses((status = 200, body = VersionBody), (status = 400, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"), (status = 412, body = Problem, content_type = "application/problem+json")))]
 pub async fn patch_metadata(
@@ -349,7 +373,7 @@ pub async fn patch_metadata(
 }
 
 #[utoipa::path(delete, path = "/v1/threads/{id}", tag = "threads",
-    params(("id" = String, Path), ("If-Match" = Option<String>, Header)),
+    params(ThreadIdParam, IfMatchParam),
     responses((status = 204, description = "Deleted"), (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 412, body = Problem, content_type = "application/problem+json")))]
 pub async fn delete(
@@ -362,8 +386,7 @@ pub async fn delete(
 }
 
 #[utoipa::path(post, path = "/v1/threads/{id}/deltas", tag = "threads", request_body = ChangeSet,
-    params(("id" = String, Path), ("If-Match" = Option<String>, Header, description = "Expected current version"),
-        ("Idempotency-Key" = Option<String>, Header, description = "A retry with the same key appends nothing and answers the first result")),
+    params(ThreadIdParam, IfMatchParam, IdempotencyKeyParam),
     responses((status = 200, body = AppendBody, headers(("ETag" = String), ("Idempotent-Replayed" = String))),
         (status = 400, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
@@ -395,7 +418,7 @@ pub async fn append(
 }
 
 #[utoipa::path(get, path = "/v1/threads/{id}/messages", tag = "threads",
-    params(("id" = String, Path), MessageParams),
+    params(ThreadIdParam, MessageParams),
     responses((status = 200, body = MessagePageBody), (status = 400, body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub async fn messages(
@@ -440,7 +463,7 @@ pub async fn messages(
     Ok(with_etag(body.version, Json(body)))
 }
 
-#[utoipa::path(get, path = "/v1/threads/{id}/state", tag = "threads", params(("id" = String, Path), ViewParams),
+#[utoipa::path(get, path = "/v1/threads/{id}/state", tag = "threads", params(ThreadIdParam, ViewParams),
     responses((status = 200, body = StateBody), (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub async fn state(
     State(app): State<AppState>,
@@ -457,7 +480,7 @@ pub async fn state(
     ))
 }
 
-#[utoipa::path(get, path = "/v1/threads/{id}/runs", tag = "runs", params(("id" = String, Path)),
+#[utoipa::path(get, path = "/v1/threads/{id}/runs", tag = "runs", params(ThreadIdParam),
     responses((status = 200, body = Vec<RunRecord>), (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub async fn runs(
     State(app): State<AppState>,
@@ -467,17 +490,17 @@ pub async fn runs(
 }
 
 #[utoipa::path(get, path = "/v1/threads/{id}/runs/{run_id}", tag = "runs",
-    params(("id" = String, Path), ("run_id" = String, Path)),
+    params(RunPathParams),
     responses((status = 200, body = RunRecord), (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub async fn run(
     State(app): State<AppState>,
     PathId(id): PathId,
-    Path(params): Path<(String, String)>,
+    PathRunId(run_id): PathRunId,
 ) -> Result<Json<RunRecord>, ApiError> {
-    Ok(Json(app.threads.run(&id, &params.1).await?))
+    Ok(Json(app.threads.run(&id, &run_id).await?))
 }
 
-#[utoipa::path(post, path = "/v1/threads/{id}/flush", tag = "threads", params(("id" = String, Path)),
+#[utoipa::path(post, path = "/v1/threads/{id}/flush", tag = "threads", params(ThreadIdParam),
     responses((status = 200, body = FoldReport, description = "The store now reflects `version`"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 500, body = Problem, content_type = "application/problem+json", description = "fold_blocked: an undecodable log entry"),

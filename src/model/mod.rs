@@ -30,7 +30,7 @@ pub struct Thread {
     pub messages: Vec<Message>,
     /// The base state; the current state is this with `patches` applied in order.
     #[serde(default)]
-    #[schema(value_type = Object)]
+    #[schema(value_type = Value)]
     pub state: Value,
     #[serde(default)]
     pub patches: Vec<TrackedPatch>,
@@ -108,7 +108,7 @@ impl Message {
 pub struct ToolCall {
     pub id: String,
     pub name: String,
-    #[schema(value_type = Object)]
+    #[schema(value_type = Value)]
     pub arguments: Value,
 }
 
@@ -148,7 +148,7 @@ pub struct ChangeSet {
     pub actions: Option<Vec<StateAction>>,
     /// When present and not `null`, replaces the state and clears the thread's patches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Object)]
+    #[schema(value_type = Value)]
     pub snapshot: Option<Value>,
     #[serde(flatten)]
     #[schema(value_type = Object)]
@@ -212,7 +212,7 @@ pub struct StateAction {
     pub scope: ActionScope,
     #[serde(default)]
     pub call_id_override: Option<String>,
-    #[schema(value_type = Object)]
+    #[schema(value_type = Value)]
     pub payload: Value,
     #[serde(flatten)]
     #[schema(value_type = Object)]
@@ -245,9 +245,30 @@ pub enum Seg {
 }
 
 /// A JSON array of segments; `[]` is the root.
-#[derive(Debug, Clone, Default, PartialEq, Eq, ToSchema)]
-#[schema(value_type = Vec<Object>)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Path(pub Vec<Seg>);
+
+impl utoipa::PartialSchema for Path {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
+        let key = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .description(Some("an object key"));
+        let index = ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .minimum(Some(0))
+            .description(Some("an array index"));
+        ArrayBuilder::new()
+            .items(OneOfBuilder::new().item(key).item(index))
+            .description(Some(
+                "Path segments from the state's root: object keys (strings) and array indexes \
+                 (non-negative integers); `[]` is the root.",
+            ))
+            .into()
+    }
+}
+
+impl ToSchema for Path {}
 
 impl Serialize for Path {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -310,7 +331,7 @@ impl std::fmt::Display for Path {
 pub enum Op {
     Set {
         path: Path,
-        #[schema(value_type = Object)]
+        #[schema(value_type = Value)]
         value: Value,
     },
     Delete {
@@ -318,12 +339,12 @@ pub enum Op {
     },
     Append {
         path: Path,
-        #[schema(value_type = Object)]
+        #[schema(value_type = Value)]
         value: Value,
     },
     MergeObject {
         path: Path,
-        #[schema(value_type = Object)]
+        #[schema(value_type = Value)]
         value: Value,
     },
     Increment {
@@ -339,17 +360,17 @@ pub enum Op {
     Insert {
         path: Path,
         index: usize,
-        #[schema(value_type = Object)]
+        #[schema(value_type = Value)]
         value: Value,
     },
     Remove {
         path: Path,
-        #[schema(value_type = Object)]
+        #[schema(value_type = Value)]
         value: Value,
     },
     LatticeMerge {
         path: Path,
-        #[schema(value_type = Object)]
+        #[schema(value_type = Value)]
         value: Value,
     },
 }

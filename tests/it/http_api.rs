@@ -736,3 +736,128 @@ async fn body_limit_is_configurable() {
     assert_eq!(gw.append("t", delta_msg("r", None, "small")).await, 1);
     gw.stop().await;
 }
+
+/// `If-Match` uses the strong comparison (RFC 9110 §13.1.1): only one strong tag holding a
+/// version as the server sends it in `ETag`, or `*`. Weak tags, signed or zero-padded numbers,
+/// bare numbers and lists are `400 invalid_header` naming If-Match on every write, and change
+/// nothing; `If-None-Match` keeps the weak comparison.
+#[tokio::test]
+async fn if_match_is_strong_and_if_none_match_weak() {
+    let gw = Gateway::start(crate::harness::Backend::Memory).await;
+    gw.create(json!({"id": "t"})).await;
+    assert_eq!(gw.append("t", delta_msg("r", None, "one")).await, 1);
+    let writes: [(Method, &str, Option<Value>); 4] = [
+        (
+            Method::POST,
+            "/v1/threads/t/deltas",
+            Some(delta_msg("r", None, "x")),
+        ),
+        (Method::PUT, "/v1/threads/t", Some(json!({"state": {}}))),
+        (Method::PATCH, "/v1/threads/t", Some(json!({"k": 1}))),
+        (Method::DELETE, "/v1/threads/t", None),
+    ];
+    for bad in [
+        "W/\"1\"",
+        "\"+1\"",
+        "1",
+        "\"01\"",
+        "\"1\", \"2\"",
+        "\"1\",\"1\"",
+        "\"\"",
+        "\"-1\"",
+        "\"1",
+        "W/*",
+    ] {
+        for (method, path, body) in &writes {
+            let mut req = gw.http.request(method.clone(), gw.url(path));
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            let res = req.header("if-match", bad).send().await.unwrap();
+            let p = expect_problem(res, StatusCode::BAD_REQUEST, "invalid_header").await;
+            assert_eq!(
+                p["field"], "If-Match",
+                "{method} {path} with If-Match {bad}"
+            );
+        }
+    }
+    // Two If-Match header lines are a list too.
+    let res = gw
+        .http
+        .delete(gw.url("/v1/threads/t"))
+        .header("if-match", "\"1\"")
+        .header("if-match", "\"1\"")
+        .send()
+        .await
+        .unwrap();
+    expect_problem(res, StatusCode::BAD_REQUEST, "invalid_header").await;
+    // Nothing changed; the strong tag and `*` work.
+    let snap = gw.get_json("/v1/threads/t").await;
+    assert_eq!(snap["version"], 1);
+    assert_eq!(snap["messages"].as_array().unwrap().len(), 1);
+    for good in ["\"1\"", " \"2\" ", "*"] {
+        let res = gw
+            .http
+            .patch(gw.url("/v1/threads/t"))
+            .json(&json!({"k": good}))
+            .header("if-match", good)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "If-Match {good}");
+    }
+    // If-None-Match: weak comparison, so W/"4" matches version 4; "+4" is not a tag we issued.
+    for (inm, status) in [
+        ("W/\"4\"", StatusCode::NOT_MODIFIED),
+        ("\"4\"", StatusCode::NOT_MODIFIED),
+        ("\"1\", W/\"4\"", StatusCode::NOT_MODIFIED),
+        ("\"+4\"", StatusCode::OK),
+        ("\"04\"", StatusCode::OK),
+    ] {
+        let res = gw
+            .http
+            .get(gw.url("/v1/threads/t"))
+            .header("if-none-match", inm)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), status, "If-None-Match {inm}");
+    }
+    gw.stop().await;
+}
+
+/// A path parameter that is not UTF-8 once percent-decoded is `400 invalid_id` naming that
+/// parameter: `run_id` in `/v1/threads/{id}/runs/{run_id}`, `id` when the thread id is at fault.
+#[tokio::test]
+async fn invalid_utf8_in_a_path_names_the_parameter() {
+    let gw = Gateway::start(crate::harness::Backend::Memory).await;
+    gw.create(json!({"id": "t"})).await;
+    let mut delta = delta_msg("r", None, "one");
+    delta["run_meta"] = json!({"agent_id": "a", "origin": "user", "status": "running"});
+    gw.append("t", delta).await;
+    for (path, field) in [
+        ("/v1/threads/t/runs/%FF", "run_id"),
+        ("/v1/threads/t/runs/a%C3", "run_id"),
+        ("/v1/threads/%FF/runs/r", "id"),
+        ("/v1/threads/%FF/runs/%FF", "id"),
+        ("/v1/threads/%FF", "id"),
+        ("/v1/threads/%FE/state", "id"),
+    ] {
+        let res = gw.get(path).await;
+        let p = expect_problem(res, StatusCode::BAD_REQUEST, "invalid_id").await;
+        assert_eq!(p["field"], field, "{path}: {p}");
+        assert!(
+            p["detail"].as_str().unwrap().contains(if field == "id" {
+                "thread id"
+            } else {
+                "run id"
+            }),
+            "{p}"
+        );
+    }
+    // Valid UTF-8 run ids still work, and an unknown one is 404.
+    assert_eq!(gw.get_json("/v1/threads/t/runs/r").await["run_id"], "r");
+    let res = gw.get("/v1/threads/t/runs/%C3%A9").await;
+    expect_problem(res, StatusCode::NOT_FOUND, "not_found").await;
+    gw.stop().await;
+}

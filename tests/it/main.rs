@@ -3,6 +3,7 @@
 
 mod buffered;
 mod cancellation;
+mod connections;
 mod cookbook;
 mod crash;
 mod deadlines;
@@ -12,6 +13,7 @@ mod http_api;
 mod incarnation;
 mod limits;
 mod live;
+mod openapi;
 mod outage;
 mod pg;
 mod proxy;
