@@ -37,7 +37,8 @@ pub struct AppState {
         threads::run, threads::flush, events::events, healthz, readyz
     ),
     components(schemas(error::Problem, Health, crate::live::DeltaEvent, crate::live::SnapshotEvent,
-        crate::live::MetadataEvent, crate::live::FlushedEvent, crate::live::ResetEvent, crate::live::DeletedEvent)),
+        crate::live::MetadataEvent, crate::live::FlushedEvent, crate::live::ResetEvent, crate::live::DeletedEvent,
+        crate::store::ListOrderBy, crate::store::Order, crate::store::VisibilityFilter, crate::writer::View)),
     tags((name = "threads"), (name = "runs"), (name = "ops"))
 )]
 pub struct ApiDoc;

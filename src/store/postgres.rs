@@ -25,8 +25,8 @@
 
 use super::{
     Appended, Change, Expect, Folded, HISTORY_LIMIT, History, HistoryEntry, IDEMPOTENCY_KEYS_KEPT,
-    IdempotencyKey, ListPage, ListQuery, MessagePage, MessageQuery, Order, Prepared, Result,
-    RunRecord, Snapshot, Store, StoreError, ThreadSummary, VisibilityFilter, now_ms,
+    IdempotencyKey, ListOrderBy, ListPage, ListQuery, MessagePage, MessageQuery, Order, Prepared,
+    Result, RunRecord, Snapshot, Store, StoreError, ThreadSummary, VisibilityFilter, now_ms,
 };
 use crate::id::ThreadId;
 use crate::model::{ChangeSet, Extra, Message, RunMeta, Thread, TrackedPatch, Visibility};
@@ -555,6 +555,42 @@ type ThreadRow = (
 
 type RunRow = (String, Option<String>, String, i64, i64, i64);
 
+/// The keyset condition and `ORDER BY` of a thread listing (see migrations/0002): rows
+/// strictly after the cursor in `(key, id)` order, compared as a row so that one index range
+/// scan on `(key, id)` (or `(resource_id, key, id)`) serves it. Ids compare byte-wise ("C").
+fn push_list_order(sql: &mut QueryBuilder<'_, Postgres>, q: &ListQuery) {
+    let (cmp, dir) = match q.order {
+        Order::Asc => (">", "ASC"),
+        Order::Desc => ("<", "DESC"),
+    };
+    let column = match q.order_by {
+        ListOrderBy::Id => None,
+        ListOrderBy::CreatedAt => Some("created_at"),
+        ListOrderBy::UpdatedAt => Some("updated_at"),
+    };
+    if let Some(after) = &q.after {
+        let id = after.id.as_str().to_owned();
+        match column {
+            None => {
+                sql.push(format_args!(" AND id {cmp} "))
+                    .push_bind(id)
+                    .push(" COLLATE \"C\"");
+            }
+            Some(col) => {
+                sql.push(format_args!(" AND ({col}, id) {cmp} ("))
+                    .push_bind(after.key)
+                    .push(", ")
+                    .push_bind(id)
+                    .push(" COLLATE \"C\")");
+            }
+        }
+    }
+    match column {
+        None => sql.push(format_args!(" ORDER BY id {dir}")),
+        Some(col) => sql.push(format_args!(" ORDER BY {col} {dir}, id {dir}")),
+    };
+}
+
 fn run_record(
     thread_id: &str,
     (run_id, parent, meta, version, created_at, updated_at): RunRow,
@@ -695,12 +731,8 @@ impl Store for PostgresStore {
         if let Some(p) = &q.parent_thread_id {
             sql.push(" AND parent_thread_id = ").push_bind(enc(p));
         }
-        if let Some(after) = &q.after {
-            sql.push(" AND id > ")
-                .push_bind(after.as_str().to_owned())
-                .push(" COLLATE \"C\"");
-        }
-        sql.push(" ORDER BY id LIMIT ")
+        push_list_order(&mut sql, q);
+        sql.push(" LIMIT ")
             .push_bind(i64::try_from(q.limit.saturating_add(1)).unwrap_or(i64::MAX));
         #[allow(clippy::type_complexity)]
         let rows: Vec<(
