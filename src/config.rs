@@ -47,6 +47,11 @@ pub struct Config {
     #[arg(long, env = "THREADGATE_SSE_BUFFER", default_value_t = crate::live::DEFAULT_CHANNEL_CAPACITY)]
     pub sse_buffer: usize,
 
+    /// Serve the viewer page and static/ files from this directory instead of the copies
+    /// compiled into the binary (for editing the page without rebuilding).
+    #[arg(long, env = "THREADGATE_STATIC_DIR")]
+    pub static_dir: Option<std::path::PathBuf>,
+
     /// Log line format.
     #[arg(long, env = "THREADGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -238,8 +238,12 @@ impl Writer {
         Ok(self.store.list(q).await?)
     }
 
-    pub async fn runs(&self, id: &ThreadId) -> Result<Vec<RunRecord>> {
-        Ok(self.store.runs(id).await?)
+    pub async fn runs(&self, id: &ThreadId, view: View) -> Result<Vec<RunRecord>> {
+        let stored = self.store.runs(id).await?;
+        match (&self.buffer, view) {
+            (Some(b), View::Live) => Ok(merge_runs(stored, b.live_record(id).await?.runs)),
+            _ => Ok(stored),
+        }
     }
 
     pub async fn run(&self, id: &ThreadId, run_id: &str) -> Result<RunRecord> {
@@ -254,6 +258,28 @@ impl Writer {
         }
         Ok(())
     }
+}
+
+/// The store's run records updated by those of the buffered tail (a live record knows only
+/// the runs its tail touched): per run, the newer version wins, keeping the stored
+/// `created_at` and a stored `parent_run_id` the tail did not repeat. A run first seen in the
+/// tail has the read's time as `created_at`.
+fn merge_runs(stored: Vec<RunRecord>, tail: Vec<RunRecord>) -> Vec<RunRecord> {
+    let mut runs = stored;
+    for t in tail {
+        match runs.iter_mut().find(|r| r.run_id == t.run_id) {
+            Some(r) if t.version > r.version => {
+                let (created_at, parent) = (r.created_at, r.parent_run_id.take());
+                *r = t;
+                r.created_at = created_at;
+                r.parent_run_id = r.parent_run_id.take().or(parent);
+            }
+            Some(_) => {}
+            None => runs.push(t),
+        }
+    }
+    runs.sort_by(|a, b| (a.created_at, &a.run_id).cmp(&(b.created_at, &b.run_id)));
+    runs
 }
 
 impl From<Error> for crate::http::error::ApiError {

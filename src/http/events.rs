@@ -34,6 +34,13 @@ pub struct EventsParams {
     pub snapshot: Option<bool>,
 }
 
+/// Response header naming the write mode (`direct` or `buffered`), so a client knows whether
+/// `flushed` events will come and whether "not yet folded" means anything.
+pub const MODE_HEADER: &str = "threadgate-mode";
+/// Response header (buffered mode): the version the snapshot store held when the stream was
+/// attached; later folds arrive as `flushed` events.
+pub const STORED_VERSION_HEADER: &str = "threadgate-stored-version";
+
 /// The `Last-Event-ID` header a browser's `EventSource` sends when it reconnects.
 pub struct LastEventId(pub Option<u64>);
 
@@ -74,7 +81,9 @@ deleted, the client leaves, or the server shuts down.";
     params(("id" = String, Path, description = "Thread id"), EventsParams,
         ("Last-Event-ID" = Option<String>, Header, description = "The last event id received (sent by EventSource on reconnect); the later of this and `after` is used")),
     responses(
-        (status = 200, description = STREAM_DOC, content_type = "text/event-stream", body = String),
+        (status = 200, description = STREAM_DOC, content_type = "text/event-stream", body = String,
+            headers(("threadgate-mode" = String, description = "`direct` or `buffered`"),
+                ("threadgate-stored-version" = Option<u64>, description = "Buffered mode: the version the snapshot store held when the stream was attached (later folds arrive as `flushed` events)"))),
         (status = 400, description = "Malformed `after` (invalid_query) or `Last-Event-ID` (invalid_header)", body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 503, body = Problem, content_type = "application/problem+json")))]
@@ -91,9 +100,21 @@ pub async fn events(
     let stream = app
         .writer
         .hub()
-        .open(id, cursor, p.snapshot.unwrap_or(false))
+        .open(id.clone(), cursor, p.snapshot.unwrap_or(false))
         .await?;
-    Ok((
+    // Read after the stream is attached: a fold that commits later is announced by a
+    // `flushed` event, one that committed earlier is in this version, so a client that
+    // takes the larger never shows a buffered count that is too high for long.
+    let stored = match app.writer.buffer() {
+        Some(_) => app.writer.store().version(&id).await.ok(),
+        None => None,
+    };
+    let mode = if app.writer.buffer().is_some() {
+        "buffered"
+    } else {
+        "direct"
+    };
+    let mut res = (
         [
             (
                 header::CONTENT_TYPE,
@@ -108,5 +129,11 @@ pub async fn events(
         ],
         Body::from_stream(stream),
     )
-        .into_response())
+        .into_response();
+    let headers = res.headers_mut();
+    headers.insert(MODE_HEADER, HeaderValue::from_static(mode));
+    if let Some(v) = stored {
+        headers.insert(STORED_VERSION_HEADER, HeaderValue::from(v));
+    }
+    Ok(res)
 }

@@ -3,6 +3,7 @@
 //! Handlers are a few lines each: parse (extractors in [`extract`]), call one component,
 //! shape the answer. All errors go through [`error::ApiError`].
 
+pub mod assets;
 pub mod error;
 pub mod events;
 pub mod extract;
@@ -26,6 +27,8 @@ pub struct AppState {
     pub metrics: Arc<prometheus_client::registry::Registry>,
     /// Largest accepted request body, in bytes.
     pub max_body: usize,
+    /// The viewer page and browser module (`/`, `/static/...`).
+    pub assets: assets::Assets,
 }
 
 #[derive(OpenApi)]
@@ -74,6 +77,8 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
+        .route("/", get(assets::index))
+        .route("/static/{*path}", get(assets::file))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(TraceLayer::new_for_http())

@@ -509,13 +509,16 @@ pub async fn state(
     Ok(with_etag(version, Json(StateBody { state, version })))
 }
 
-#[utoipa::path(get, path = "/v1/threads/{id}/runs", tag = "runs", params(("id" = String, Path)),
+#[utoipa::path(get, path = "/v1/threads/{id}/runs", tag = "runs", params(("id" = String, Path), ViewParams),
     responses((status = 200, body = Vec<RunRecord>), (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub async fn runs(
     State(app): State<AppState>,
     PathId(id): PathId,
+    QueryParams(p): QueryParams<ViewParams>,
 ) -> Result<Json<Vec<RunRecord>>, ApiError> {
-    Ok(Json(app.writer.runs(&id).await?))
+    Ok(Json(
+        app.writer.runs(&id, p.view.unwrap_or_default()).await?,
+    ))
 }
 
 #[utoipa::path(get, path = "/v1/threads/{id}/runs/{run_id}", tag = "runs",
