@@ -100,7 +100,7 @@ function renderList(threads, current) {
     when.dateTime = new Date(Number(t.updated_at)).toISOString();
     when.title = `last update ${when.dateTime}`;
     meta.append(el('span', 'version', `v${t.version}`), when,
-      el('span', '', `${t.message_count} msg`));
+      el('span', 'count', `${t.message_count} msg`));
     if (t.resource_id) meta.append(el('span', 'resource', t.resource_id));
     a.append(meta);
     li.append(a);
@@ -202,6 +202,12 @@ function renderThread() {
   const title = view.metadata?.title;
   $('thread-title').textContent = typeof title === 'string' ? `${title} (${view.id})` : view.id;
   renderMessages();
+  // The list refreshes on a timer; the followed thread's entry keeps up at once.
+  for (const a of document.querySelectorAll('#threads a[data-id]')) {
+    if (a.dataset.id !== view.id) continue;
+    a.querySelector('.version').textContent = `v${view.version}`;
+    a.querySelector('.count').textContent = `${view.messages.length} msg`;
+  }
   if (view.state !== rendered.stateRef) {
     rendered.stateRef = view.state;
     $('state-tree').replaceChildren(tree(view.state, '$', 'state'));

@@ -12,3 +12,4 @@ mod outage;
 mod pg;
 mod proxy;
 mod store_conformance;
+mod viewer;
