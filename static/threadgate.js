@@ -939,7 +939,8 @@ export class ThreadMirror {
       }
     }
     const base = replaces ? delta.snapshot : this.current;
-    const current = delta.patches.length ? applyPatches(base, delta.patches) : clone(base);
+    // Patches apply to a copy (all or nothing); without patches the state is unchanged.
+    const current = delta.patches.length ? applyPatches(base, delta.patches) : base;
     // Validated; now commit.
     if (replaces) {
       this.base = delta.snapshot;

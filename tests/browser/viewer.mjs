@@ -10,8 +10,10 @@
 //      back while more than 1,000 writes happen): it gets `reset`, reloads, and again shows
 //      every message exactly once (in buffered mode the log still holds those writes for two
 //      minutes, so the same position is replayed from the log instead);
-//   D. it is live again afterwards; and no console error happened except the network errors
-//      of the deliberate outages.
+//   D. it is live again afterwards;
+//   E. at phone width the thread fills the screen without sideways scrolling, and the list is
+//      reachable and usable from the keyboard;
+//   and no console error happened except the network errors of the deliberate outages.
 //
 //   node tests/browser/viewer.mjs --bin target/debug/threadgate --store file:/tmp/x \
 //     [--nats-url URL --nats-prefix P] --chromium /usr/bin/chromium \
@@ -235,10 +237,30 @@ try {
   assert(await page.evaluate(() => window.__notReloaded === true), 'never reloaded');
   assert(navigations === 1, `one navigation, saw ${navigations}`);
 
+  // ---- E: a phone-width screen and the keyboard -----------------------------------------
+  await page.setViewportSize({ width: 375, height: 740 });
+  const overflow = await page.evaluate(() => document.scrollingElement.scrollWidth - window.innerWidth);
+  assert(overflow <= 0, `no sideways scrolling at phone width (${overflow}px too wide)`);
+  assert(!(await page.isVisible('#list-pane')) && (await page.isVisible('.back')), 'the thread takes the screen, with a way back');
+  await page.click('.back');
+  await until('the list on a phone', () => page.isVisible('#threads a[data-id]'));
+  // From the top of the page, Tab reaches the thread's link, and Enter opens it.
+  await page.evaluate(() => document.activeElement?.blur());
+  let reached = false;
+  for (let i = 0; i < 15 && !reached; i++) {
+    await page.keyboard.press('Tab');
+    reached = await page.evaluate((tid) => document.activeElement?.dataset?.id === tid, id);
+  }
+  assert(reached, 'the thread link is keyboard reachable');
+  await page.keyboard.press('Enter');
+  await until('the thread opened from the keyboard', async () => (await domIds()).length === all.length + 1
+    && (await status()) === 'live');
+  step('E: phone width and keyboard');
+
   // Only network errors of the deliberate outages may reach the console.
   const bad = consoleErrors.filter((e) => e.fatal || !e.outage || !/net::ERR_|Failed to load resource/.test(e.text));
   assert(bad.length === 0, `console errors: ${JSON.stringify(bad)}`);
-  step(`D: done; ${consoleErrors.length} console errors, all network errors during the outages`);
+  step(`done; ${consoleErrors.length} console errors, all network errors during the outages`);
   console.log('viewer test passed');
 } catch (e) {
   console.error(e);
