@@ -904,7 +904,8 @@ export class ThreadMirror {
     const current = applyPatches(t.state, t.patches);
     const metadata = t.metadata;
     if (!keepServerKeys && this.metadata) {
-      for (const k of ['created_at', 'updated_at', 'version_timestamp']) {
+      // A full save's snapshot carries only the custom keys: keep the server's.
+      for (const k of ['created_at', 'updated_at', 'version', 'version_timestamp']) {
         if (own(this.metadata, k) && !own(metadata, k)) metadata[k] = this.metadata[k];
       }
     }
