@@ -24,6 +24,9 @@
 # After the tests, a full run checks that openapi/openapi.json is true (openapi-typescript and
 # schemathesis against the real binary; see "openapi-conformance" below).
 #
+# Browser tests: Chromium (apt-get) and playwright-core (npm, into a cache directory) are
+# installed when missing; see the "Browser tests" section below.
+#
 # Other knobs: THREADGATE_TEST_TIMEOUT_PER_TEST (default 300s: a test still running then is
 # killed and reported by name, so a hang cannot eat CI's time).
 
@@ -220,6 +223,63 @@ if [[ -z "${THREADGATE_TEST_NATS_URL:-}" ]]; then
 fi
 export THREADGATE_TEST_NATS_URL
 log "NATS: $THREADGATE_TEST_NATS_URL (nats-server binary: $THREADGATE_TEST_NATS_BIN)"
+
+# ---------------------------------------------------------------------------------------------
+# Browser tests (tests/it/viewer.rs, tests/browser/): Node, Debian's Chromium, playwright-core
+# ---------------------------------------------------------------------------------------------
+# The viewer page is tested in a real headless Chromium driven by playwright-core, and
+# static/threadgate.js is cross-checked against the gateway under Node. The browser comes from
+# Debian (never `npx playwright install`, which downloads a browser build of its own);
+# playwright-core comes from npm into a cache directory outside the repository. Both are
+# installed here when missing:
+#   THREADGATE_TEST_CHROMIUM      the browser (default: chromium on PATH, installed with apt-get
+#                                 as root or through `sudo -n` when there is none)
+#   THREADGATE_TEST_NODE_MODULES  a node_modules holding playwright-core (default:
+#                                 ${XDG_CACHE_HOME:-~/.cache}/threadgate-test/node/node_modules)
+PLAYWRIGHT_CORE_VERSION=1.65.1
+
+as_root() {
+    if [[ $(id -u) == 0 ]]; then "$@"
+    elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo -n "$@"
+    else die "installing needs root: run '$*' as root, or set THREADGATE_TEST_CHROMIUM"
+    fi
+}
+
+command -v node >/dev/null 2>&1 || die "node (18 or newer) is needed by tests/browser (apt-get install nodejs npm)"
+node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 18 ? 0 : 1)' \
+    || die "node $(node --version) is too old for tests/browser: 18 or newer is needed"
+
+if [[ -z "${THREADGATE_TEST_CHROMIUM:-}" ]]; then
+    THREADGATE_TEST_CHROMIUM=$(command -v chromium 2>/dev/null || true)
+    if [[ -z "$THREADGATE_TEST_CHROMIUM" ]]; then
+        log "installing chromium with apt-get (once; needed by the viewer tests)"
+        { as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive \
+            apt-get install -y -qq --no-install-recommends chromium; } >"$WORK_DIR/apt.log" 2>&1 \
+            || { tail -n 30 "$WORK_DIR/apt.log" >&2; die "could not install chromium (log above)"; }
+        THREADGATE_TEST_CHROMIUM=$(command -v chromium) || die "chromium installed but not on PATH"
+    fi
+fi
+[[ -x "$THREADGATE_TEST_CHROMIUM" ]] || die "THREADGATE_TEST_CHROMIUM=$THREADGATE_TEST_CHROMIUM is not executable"
+export THREADGATE_TEST_CHROMIUM
+
+if [[ -z "${THREADGATE_TEST_NODE_MODULES:-}" ]]; then
+    node_dir="${XDG_CACHE_HOME:-$HOME/.cache}/threadgate-test/node"
+    THREADGATE_TEST_NODE_MODULES="$node_dir/node_modules"
+    have=$(node -p "require('$THREADGATE_TEST_NODE_MODULES/playwright-core/package.json').version" 2>/dev/null || true)
+    if [[ "$have" != "$PLAYWRIGHT_CORE_VERSION" ]]; then
+        command -v npm >/dev/null 2>&1 || die "npm is needed to install playwright-core (apt-get install npm)"
+        log "installing playwright-core@$PLAYWRIGHT_CORE_VERSION into $node_dir (once)"
+        mkdir -p "$node_dir"
+        [[ -f "$node_dir/package.json" ]] || echo '{"private": true}' >"$node_dir/package.json"
+        (cd "$node_dir" && npm install --no-audit --no-fund --loglevel=error \
+            "playwright-core@$PLAYWRIGHT_CORE_VERSION") >"$WORK_DIR/npm.log" 2>&1 \
+            || { tail -n 30 "$WORK_DIR/npm.log" >&2; die "could not install playwright-core (log above)"; }
+    fi
+fi
+[[ -d "$THREADGATE_TEST_NODE_MODULES/playwright-core" ]] \
+    || die "no playwright-core in THREADGATE_TEST_NODE_MODULES=$THREADGATE_TEST_NODE_MODULES"
+export THREADGATE_TEST_NODE_MODULES
+log "browser tests: $("$THREADGATE_TEST_CHROMIUM" --version 2>/dev/null | head -n1), node $(node --version), playwright-core in $THREADGATE_TEST_NODE_MODULES"
 
 # ---------------------------------------------------------------------------------------------
 # Lints (CI only), then the tests

@@ -167,6 +167,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         hub: parts.hub,
         metrics: Arc::new(registry),
         max_body: config.max_body,
+        assets: crate::http::assets::Assets::new(config.static_dir.clone()),
     };
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;

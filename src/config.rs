@@ -105,6 +105,11 @@ pub struct Config {
         value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_connections: u32,
 
+    /// Serve the viewer page and static/ files from this directory instead of the copies
+    /// compiled into the binary (for editing the page without rebuilding).
+    #[arg(long, env = "THREADGATE_STATIC_DIR")]
+    pub static_dir: Option<std::path::PathBuf>,
+
     /// Log line format.
     #[arg(long, env = "THREADGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -268,6 +268,14 @@ impl WritePath for Buffered {
         self.log.ping().await
     }
 
+    fn mode(&self) -> &'static str {
+        "buffered"
+    }
+
+    async fn stored_behind(&self, id: &ThreadId) -> Option<u64> {
+        self.store.version(id).await.ok()
+    }
+
     async fn shutdown(&self) {
         match self.fold_all().await {
             Ok(n) => tracing::info!(threads = n, "folded buffered threads at shutdown"),

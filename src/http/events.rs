@@ -40,6 +40,13 @@ pub struct EventsParams {
     pub incarnation: Option<crate::store::Incarnation>,
 }
 
+/// Response header naming the write mode (`direct` or `buffered`), so a client knows whether
+/// `flushed` events will come and whether "not yet folded" means anything.
+pub const MODE_HEADER: &str = "threadgate-mode";
+/// Response header (buffered mode): the version the snapshot store held when the stream was
+/// attached; later folds arrive as `flushed` events.
+pub const STORED_VERSION_HEADER: &str = "threadgate-stored-version";
+
 /// The `Last-Event-ID` header a browser's `EventSource` sends when it reconnects.
 pub struct LastEventId(pub Option<u64>);
 
@@ -84,7 +91,9 @@ deleted, the client leaves, or the server shuts down.";
 #[utoipa::path(get, path = "/v1/threads/{id}/events", tag = "threads",
     params(super::doc::ThreadIdParam, EventsParams, super::doc::LastEventIdParam),
     responses(
-        (status = 200, description = STREAM_DOC, content_type = "text/event-stream", body = String),
+        (status = 200, description = STREAM_DOC, content_type = "text/event-stream", body = String,
+            headers(("threadgate-mode" = String, description = "`direct` or `buffered`"),
+                ("threadgate-stored-version" = Option<u64>, description = "Buffered mode: the version the snapshot store held when the stream was attached (later folds arrive as `flushed` events)"))),
         (status = 400, description = "Malformed `after` (invalid_query) or `Last-Event-ID` (invalid_header)", body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 503, body = Problem, content_type = "application/problem+json")))]
@@ -106,9 +115,19 @@ pub async fn events(
     };
     let stream = app
         .hub
-        .open(id, cursor, p.snapshot.unwrap_or(false), p.incarnation)
+        .open(
+            id.clone(),
+            cursor,
+            p.snapshot.unwrap_or(false),
+            p.incarnation,
+        )
         .await?;
-    Ok((
+    // Read after the stream is attached: a fold that commits later is announced by a
+    // `flushed` event, one that committed earlier is in this version, so a client that
+    // takes the larger never shows a buffered count that is too high for long.
+    let stored = app.threads.stored_behind(&id).await;
+    let mode = app.threads.mode();
+    let mut res = (
         [
             (
                 header::CONTENT_TYPE,
@@ -123,5 +142,11 @@ pub async fn events(
         ],
         Body::from_stream(stream),
     )
-        .into_response())
+        .into_response();
+    let headers = res.headers_mut();
+    headers.insert(MODE_HEADER, HeaderValue::from_static(mode));
+    if let Some(v) = stored {
+        headers.insert(STORED_VERSION_HEADER, HeaderValue::from(v));
+    }
+    Ok(res)
 }

@@ -3,6 +3,7 @@
 //! Handlers are a few lines each: parse (extractors in [`extract`]), call one component,
 //! shape the answer. All errors go through [`error::ApiError`].
 
+pub mod assets;
 pub mod doc;
 pub mod error;
 pub mod events;
@@ -33,6 +34,8 @@ pub struct AppState {
     pub metrics: Arc<prometheus_client::registry::Registry>,
     /// Largest accepted request body, in bytes.
     pub max_body: usize,
+    /// The viewer page and browser module (`/`, `/static/...`).
+    pub assets: assets::Assets,
 }
 
 #[derive(OpenApi)]
@@ -48,7 +51,7 @@ and an unknown path `404 not_found`."),
     ),
     components(schemas(error::Problem, Health, crate::live::events::DeltaEvent, crate::live::events::SnapshotEvent,
         crate::live::events::MetadataEvent, crate::live::events::FlushedEvent, crate::live::events::ResetEvent, crate::live::events::DeletedEvent,
-        crate::write::View, crate::store::Order, crate::store::VisibilityFilter)),
+        crate::write::View, crate::store::ListOrderBy, crate::store::Order, crate::store::VisibilityFilter)),
     modifiers(&CommonResponses),
     tags((name = "threads"), (name = "runs"), (name = "ops"))
 )]
@@ -85,6 +88,8 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
+        .route("/", get(assets::index))
+        .route("/static/{*path}", get(assets::file))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(TraceLayer::new_for_http())

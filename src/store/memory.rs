@@ -5,17 +5,24 @@
 //! `Expect::Exact` a compare-and-set) while different threads proceed in parallel. A
 //! [`Persist`] implementation decides what happens to a changed record: nothing (memory) or a
 //! durable file write (file).
+//!
+//! Two ordered sets beside the map, `(created_at, id)` and `(updated_at, id)`, let a listing by
+//! time walk only the page it returns instead of sorting every thread. They are changed under
+//! the thread's slot lock together with the record, and a listing re-checks each entry's key
+//! against the record it locks, so a stale entry (a thread written to meanwhile) is skipped:
+//! the thread is met again at its new position.
 
 use super::record::Record;
 use super::{
-    Appended, ChangeSet, Expect, History, IdempotencyKey, Incarnation, ListPage, ListQuery,
-    MessagePage, MessageQuery, Result, RunRecord, Snapshot, StateAt, Store, StoreError, Write,
-    now_ms,
+    Appended, ChangeSet, Expect, History, IdempotencyKey, Incarnation, ListOrderBy, ListPage,
+    ListQuery, MessagePage, MessageQuery, Order, Result, RunRecord, Snapshot, StateAt, Store,
+    StoreError, Write, now_ms,
 };
 use crate::id::ThreadId;
 use crate::model::{Extra, Thread};
 use async_trait::async_trait;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
 use std::sync::{Arc, RwLock};
 use tokio::sync::Mutex;
 
@@ -49,9 +56,79 @@ impl Persist for Volatile {
 /// `None` while a create is being persisted, or after a delete.
 type Slot = Arc<Mutex<Option<Record>>>;
 
+/// Index entries a listing takes per visit of the index lock: enough for a page, small enough
+/// that writers are never held up for long.
+const LIST_BATCH: usize = 256;
+
+/// A position in a time index: `(timestamp, id)`.
+type Key = (i64, ThreadId);
+
+/// Every thread's slot by id, plus the time indexes used for listing.
+#[derive(Default)]
+struct Index {
+    slots: BTreeMap<ThreadId, Slot>,
+    by_created: BTreeSet<Key>,
+    by_updated: BTreeSet<Key>,
+}
+
+impl Index {
+    fn insert(&mut self, id: &ThreadId, slot: Slot, created_at: i64, updated_at: i64) {
+        self.slots.insert(id.clone(), slot);
+        self.by_created.insert((created_at, id.clone()));
+        self.by_updated.insert((updated_at, id.clone()));
+    }
+
+    fn remove(&mut self, id: &ThreadId, created_at: i64, updated_at: i64) {
+        self.slots.remove(id);
+        self.by_created.remove(&(created_at, id.clone()));
+        self.by_updated.remove(&(updated_at, id.clone()));
+    }
+
+    /// Up to `n` `(key, id, slot)` entries strictly after `from` in the listing's order.
+    fn batch(&self, q: &ListQuery, from: Option<&Key>, n: usize) -> Vec<(i64, ThreadId, Slot)> {
+        let slot = |id: &ThreadId| self.slots.get(id).cloned();
+        let set = match q.order_by {
+            ListOrderBy::Id => {
+                let from = from.map(|(_, id)| id);
+                let slots: Box<dyn Iterator<Item = (&ThreadId, &Slot)>> = match (q.order, from) {
+                    (Order::Asc, Some(id)) => Box::new(
+                        self.slots
+                            .range::<ThreadId, _>((Bound::Excluded(id), Bound::Unbounded)),
+                    ),
+                    (Order::Desc, Some(id)) => Box::new(
+                        self.slots
+                            .range::<ThreadId, _>((Bound::Unbounded, Bound::Excluded(id)))
+                            .rev(),
+                    ),
+                    (Order::Asc, None) => Box::new(self.slots.iter()),
+                    (Order::Desc, None) => Box::new(self.slots.iter().rev()),
+                };
+                return slots
+                    .take(n)
+                    .map(|(id, s)| (0, id.clone(), s.clone()))
+                    .collect();
+            }
+            ListOrderBy::CreatedAt => &self.by_created,
+            ListOrderBy::UpdatedAt => &self.by_updated,
+        };
+        let entries: Box<dyn Iterator<Item = &Key>> = match (q.order, from) {
+            (Order::Asc, Some(k)) => Box::new(set.range((Bound::Excluded(k), Bound::Unbounded))),
+            (Order::Desc, Some(k)) => {
+                Box::new(set.range((Bound::Unbounded, Bound::Excluded(k))).rev())
+            }
+            (Order::Asc, None) => Box::new(set.iter()),
+            (Order::Desc, None) => Box::new(set.iter().rev()),
+        };
+        entries
+            .filter_map(|(key, id)| Some((*key, id.clone(), slot(id)?)))
+            .take(n)
+            .collect()
+    }
+}
+
 /// The records of every thread, with what persists them.
 pub struct Records<P> {
-    map: Arc<RwLock<BTreeMap<ThreadId, Slot>>>,
+    map: Arc<RwLock<Index>>,
     persist: Arc<P>,
 }
 
@@ -71,12 +148,13 @@ impl Default for MemoryStore {
 
 impl<P: Persist> Records<P> {
     pub(crate) fn with(persist: P, loaded: BTreeMap<ThreadId, Record>) -> Self {
-        let map = loaded
-            .into_iter()
-            .map(|(id, r)| (id, Arc::new(Mutex::new(Some(r)))))
-            .collect();
+        let mut index = Index::default();
+        for (id, r) in loaded {
+            let (created, updated) = (r.created_at, r.updated_at);
+            index.insert(&id, Arc::new(Mutex::new(Some(r))), created, updated);
+        }
         Records {
-            map: Arc::new(RwLock::new(map)),
+            map: Arc::new(RwLock::new(index)),
             persist: Arc::new(persist),
         }
     }
@@ -85,6 +163,7 @@ impl<P: Persist> Records<P> {
         self.map
             .read()
             .map_err(|_| poisoned())?
+            .slots
             .get(id)
             .cloned()
             .ok_or(StoreError::NotFound)
@@ -97,27 +176,41 @@ impl<P: Persist> Records<P> {
     }
 
     /// Runs `f` on the record under its lock, then persists; the change is visible only once
-    /// it is durable. Persisting and installing the new record happen together in one task
-    /// that owns the lock, so a caller that stops waiting can never leave the file and the
-    /// record apart.
+    /// it is durable. Persisting and installing the new record (and moving its index entry)
+    /// happen together in one task that owns the lock, so a caller that stops waiting can
+    /// never leave the file, the record and the index apart.
     async fn write<T>(&self, id: &ThreadId, f: impl FnOnce(&mut Record) -> Result<T>) -> Result<T> {
         let slot = self.slot(id)?;
         let mut guard = slot.lock_owned().await;
         let record = guard.as_mut().ok_or(StoreError::NotFound)?;
+        let before = record.updated_at;
         if !P::DURABLE {
-            return f(record);
+            let out = f(record)?;
+            touched(&self.map, id, before, record.updated_at)?;
+            return Ok(out);
         }
         let mut next = record.clone();
         let out = f(&mut next)?;
-        let (persist, key) = (self.persist.clone(), id.clone());
+        let (persist, key, map) = (self.persist.clone(), id.clone(), self.map.clone());
         blocking(move || {
             persist.save(&key, &next)?;
+            let after = next.updated_at;
             *guard = Some(next);
-            Ok(())
+            touched(&map, &key, before, after)
         })
         .await?;
         Ok(out)
     }
+}
+
+/// Moves a thread's `by_updated` entry after a write (called under its slot lock).
+fn touched(map: &RwLock<Index>, id: &ThreadId, before: i64, after: i64) -> Result<()> {
+    if before != after {
+        let mut index = map.write().map_err(|_| poisoned())?;
+        index.by_updated.remove(&(before, id.clone()));
+        index.by_updated.insert((after, id.clone()));
+    }
+    Ok(())
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -134,14 +227,15 @@ fn poisoned() -> StoreError {
 impl<P: Persist> Store for Records<P> {
     async fn create(&self, id: &ThreadId, thread: Thread) -> Result<Snapshot> {
         let record = Record::new(id, thread, now_ms())?;
+        let (created, updated) = (record.created_at, record.updated_at);
         let slot: Slot = Arc::new(Mutex::new(None));
         let mut guard = slot.clone().lock_owned().await;
         {
             let mut map = self.map.write().map_err(|_| poisoned())?;
-            if map.contains_key(id) {
+            if map.slots.contains_key(id) {
                 return Err(StoreError::AlreadyExists);
             }
-            map.insert(id.clone(), slot);
+            map.insert(id, slot, created, updated);
         }
         let snapshot = record.snapshot();
         if !P::DURABLE {
@@ -156,7 +250,9 @@ impl<P: Persist> Store for Records<P> {
                 Ok(snapshot)
             }
             Err(e) => {
-                map.write().map_err(|_| poisoned())?.remove(&key);
+                map.write()
+                    .map_err(|_| poisoned())?
+                    .remove(&key, created, updated);
                 Err(e)
             }
         })
@@ -176,35 +272,34 @@ impl<P: Persist> Store for Records<P> {
     }
 
     async fn list(&self, q: &ListQuery) -> Result<ListPage> {
-        let slots: Vec<Slot> = {
-            let map = self.map.read().map_err(|_| poisoned())?;
-            match &q.after {
-                Some(after) => map
-                    .range((
-                        std::ops::Bound::Excluded(after.clone()),
-                        std::ops::Bound::Unbounded,
-                    ))
-                    .map(|(_, s)| s.clone())
-                    .collect(),
-                None => map.values().cloned().collect(),
-            }
-        };
         let mut threads = Vec::new();
-        for slot in slots {
-            let guard = slot.lock().await;
-            let Some(r) = guard.as_ref() else { continue };
-            let t = &r.thread;
-            if q.resource_id
-                .as_ref()
-                .is_some_and(|x| t.resource_id.as_ref() != Some(x))
-                || q.parent_thread_id
-                    .as_ref()
-                    .is_some_and(|x| t.parent_thread_id.as_ref() != Some(x))
-            {
-                continue;
+        let mut from: Option<Key> = q.after.as_ref().map(|c| (c.key, c.id.clone()));
+        'walk: loop {
+            let batch =
+                self.map
+                    .read()
+                    .map_err(|_| poisoned())?
+                    .batch(q, from.as_ref(), LIST_BATCH);
+            let exhausted = batch.len() < LIST_BATCH;
+            for (key, id, slot) in batch {
+                from = Some((key, id));
+                let guard = slot.lock().await;
+                let Some(r) = guard.as_ref() else { continue };
+                // A thread written to since the batch was taken sits elsewhere now.
+                if q.order_by.key(r.created_at, r.updated_at) != key
+                    || !q.admits(
+                        r.thread.resource_id.as_deref(),
+                        r.thread.parent_thread_id.as_deref(),
+                    )
+                {
+                    continue;
+                }
+                threads.push(r.summary());
+                if threads.len() > q.limit {
+                    break 'walk;
+                }
             }
-            threads.push(r.summary());
-            if threads.len() > q.limit {
+            if exhausted {
                 break;
             }
         }
@@ -228,15 +323,17 @@ impl<P: Persist> Store for Records<P> {
         let mut guard = slot.clone().lock_owned().await;
         let record = guard.as_ref().ok_or(StoreError::NotFound)?;
         expect.check(record.version)?;
+        let (created, updated) = (record.created_at, record.updated_at);
         let (persist, key, map) = (self.persist.clone(), id.clone(), self.map.clone());
+        // Remove the file, the record and the index entries together (see `write`).
         let mut remove = move || {
             if P::DURABLE {
                 persist.remove(&key)?;
             }
             *guard = None;
             let mut map = map.write().map_err(|_| poisoned())?;
-            if map.get(&key).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
-                map.remove(&key);
+            if map.slots.get(&key).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+                map.remove(&key, created, updated);
             }
             Ok(())
         };

@@ -221,13 +221,80 @@ pub struct History {
     pub version: u64,
 }
 
+/// What a thread listing is sorted by. Ties (equal timestamps) are broken by id, so every
+/// order is total and a keyset cursor never skips or repeats a thread whose key is stable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ListOrderBy {
+    /// The thread id (byte-wise). Stable: ids never change.
+    #[default]
+    Id,
+    /// Creation time, then id. Stable: a thread's creation time never changes.
+    CreatedAt,
+    /// Time of the last write the store holds, then id. A thread written to while a client
+    /// pages moves to its new position: it may then be seen again (ascending) or not at all
+    /// (descending) in that pass; every other thread is seen exactly once.
+    UpdatedAt,
+}
+
+impl ListOrderBy {
+    /// The wire name (`id`, `created_at`, `updated_at`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListOrderBy::Id => "id",
+            ListOrderBy::CreatedAt => "created_at",
+            ListOrderBy::UpdatedAt => "updated_at",
+        }
+    }
+
+    /// A thread's sort key besides its id (0 for id order, which has none).
+    pub fn key(self, created_at: i64, updated_at: i64) -> i64 {
+        match self {
+            ListOrderBy::Id => 0,
+            ListOrderBy::CreatedAt => created_at,
+            ListOrderBy::UpdatedAt => updated_at,
+        }
+    }
+}
+
+/// A position in a listing: the sort key and id of the last thread already returned (the
+/// key is 0 for id order). The next page starts strictly after it in the listing's order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListCursor {
+    pub key: i64,
+    pub id: ThreadId,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ListQuery {
     pub resource_id: Option<String>,
     pub parent_thread_id: Option<String>,
-    /// Threads with ids strictly greater than this (keyset paging by id).
-    pub after: Option<ThreadId>,
+    pub order_by: ListOrderBy,
+    pub order: Order,
+    /// Keyset paging: only threads strictly after this position in the listing's order.
+    pub after: Option<ListCursor>,
     pub limit: usize,
+}
+
+impl ListQuery {
+    /// Whether a thread passes the resource and parent filters.
+    pub fn admits(&self, resource_id: Option<&str>, parent_thread_id: Option<&str>) -> bool {
+        self.resource_id
+            .as_deref()
+            .is_none_or(|r| resource_id == Some(r))
+            && self
+                .parent_thread_id
+                .as_deref()
+                .is_none_or(|p| parent_thread_id == Some(p))
+    }
+
+    /// The cursor that continues after `t` in this listing.
+    pub fn cursor_after(&self, t: &ThreadSummary) -> Option<ListCursor> {
+        Some(ListCursor {
+            key: self.order_by.key(t.created_at, t.updated_at),
+            id: ThreadId::parse(&t.id).ok()?,
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -97,4 +97,12 @@ impl WritePath for DirectWrites {
     async fn ready(&self) -> Result<()> {
         Ok(())
     }
+
+    fn mode(&self) -> &'static str {
+        "direct"
+    }
+
+    async fn stored_behind(&self, _: &ThreadId) -> Option<u64> {
+        None
+    }
 }

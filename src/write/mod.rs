@@ -118,6 +118,11 @@ pub trait WritePath: Send + Sync + 'static {
     /// Leaves as little as possible for the next start-up (buffered mode folds); the caller
     /// bounds how long it may take.
     async fn shutdown(&self) {}
+    /// The path's name for clients (`direct` or `buffered`).
+    fn mode(&self) -> &'static str;
+    /// The store's version when it may lag behind accepted writes (`None` when it never
+    /// does).
+    async fn stored_behind(&self, id: &ThreadId) -> Option<u64>;
 }
 
 /// The thread operations the HTTP layer calls: writes through the chosen [`WritePath`],
@@ -253,9 +258,15 @@ impl Threads {
         Ok(self.store.list(q).await?)
     }
 
-    /// The thread's run records.
-    pub async fn runs(&self, id: &ThreadId) -> Result<Vec<RunRecord>> {
-        Ok(self.store.runs(id).await?)
+    /// The thread's run records as the view sees them.
+    pub async fn runs(&self, id: &ThreadId, view: View) -> Result<Vec<RunRecord>> {
+        let stored = self.store.runs(id).await?;
+        if view == View::Live
+            && let Some(record) = self.writes.live(id).await?
+        {
+            return Ok(merge_runs(stored, record.runs));
+        }
+        Ok(stored)
     }
 
     /// One run record.
@@ -263,9 +274,41 @@ impl Threads {
         Ok(self.store.run(id, run_id).await?)
     }
 
+    /// See [`WritePath::mode`].
+    pub fn mode(&self) -> &'static str {
+        self.writes.mode()
+    }
+
+    /// See [`WritePath::stored_behind`].
+    pub async fn stored_behind(&self, id: &ThreadId) -> Option<u64> {
+        self.writes.stored_behind(id).await
+    }
+
     /// Store and (in buffered mode) NATS reachability, for `/readyz`.
     pub async fn ready(&self) -> Result<()> {
         self.store.ping().await?;
         self.writes.ready().await
     }
+}
+
+/// The store's run records updated by those of the buffered tail (a live record knows only
+/// the runs its tail touched): per run, the newer version wins, keeping the stored
+/// `created_at` and a stored `parent_run_id` the tail did not repeat. A run first seen in the
+/// tail has the read's time as `created_at`.
+fn merge_runs(stored: Vec<RunRecord>, tail: Vec<RunRecord>) -> Vec<RunRecord> {
+    let mut runs = stored;
+    for t in tail {
+        match runs.iter_mut().find(|r| r.run_id == t.run_id) {
+            Some(r) if t.version > r.version => {
+                let (created_at, parent) = (r.created_at, r.parent_run_id.take());
+                *r = t;
+                r.created_at = created_at;
+                r.parent_run_id = r.parent_run_id.take().or(parent);
+            }
+            Some(_) => {}
+            None => runs.push(t),
+        }
+    }
+    runs.sort_by(|a, b| (a.created_at, &a.run_id).cmp(&(b.created_at, &b.run_id)));
+    runs
 }

@@ -16,6 +16,7 @@ each_backend!(
     state_and_runs,
     replace_patch_delete,
     list_filters_and_paging,
+    list_ordering,
     tricky_ids,
     wire_values_round_trip,
 );
@@ -603,6 +604,79 @@ async fn list_filters_and_paging(gw: Gateway) {
         "invalid_query",
     )
     .await;
+    gw.stop().await;
+}
+
+/// `order_by` / `order` over HTTP: "this user's threads, most recently active first", paged
+/// with opaque cursors that carry their ordering; bad values are a 400 naming the parameter.
+async fn list_ordering(gw: Gateway) {
+    for id in ["a", "b", "c", "d", "e"] {
+        gw.create(json!({"id": id, "resource_id": if id == "e" { "other" } else { "me" }}))
+            .await;
+    }
+    for id in ["c", "a", "d"] {
+        // Distinct millisecond timestamps, so the expected order is not a tie-break.
+        tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+        gw.append(id, delta_msg("r", None, "hi")).await;
+    }
+    let ids = |page: &Value| -> Vec<String> {
+        page["threads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let base = "/v1/threads?resource_id=me&order_by=updated_at&order=desc&limit=3";
+    let page1 = gw.get_json(base).await;
+    assert_eq!(ids(&page1), ["d", "a", "c"]);
+    assert_eq!(page1["has_more"], true);
+    let cursor = page1["next_cursor"].as_str().unwrap().to_owned();
+    let page2 = gw.get_json(&format!("{base}&cursor={cursor}")).await;
+    assert_eq!(ids(&page2), ["b"]);
+    assert_eq!(page2["has_more"], false);
+    let newest = gw
+        .get_json("/v1/threads?order_by=created_at&order=desc&limit=10")
+        .await;
+    assert_eq!(ids(&newest).len(), 5);
+    let stamps: Vec<(i64, String)> = newest["threads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["created_at"].as_i64().unwrap(),
+                t["id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert!(stamps.windows(2).all(|p| p[0] > p[1]), "{stamps:?}");
+    let by_id_desc = gw.get_json("/v1/threads?order=desc&limit=2").await;
+    assert_eq!(ids(&by_id_desc), ["e", "d"]);
+    // A cursor is only good for the ordering it came from.
+    let body = expect_problem(
+        gw.get(&format!(
+            "/v1/threads?resource_id=me&order_by=created_at&cursor={cursor}"
+        ))
+        .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_query",
+    )
+    .await;
+    assert_eq!(body["field"], "cursor");
+    for (query, field) in [
+        ("order_by=size", "order_by"),
+        ("order=sideways", "order"),
+        ("order_by=updated_at&limit=0", "limit"),
+    ] {
+        let body = expect_problem(
+            gw.get(&format!("/v1/threads?{query}")).await,
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        )
+        .await;
+        assert_eq!(body["field"], field, "{query}");
+    }
     gw.stop().await;
 }
 

@@ -19,3 +19,4 @@ mod pg;
 mod proxy;
 mod store_conformance;
 mod support;
+mod viewer;

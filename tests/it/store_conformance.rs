@@ -10,8 +10,8 @@ use std::sync::Arc;
 use threadgate::id::ThreadId;
 use threadgate::model::{ChangeSet, Extra, Message, Thread};
 use threadgate::store::{
-    Change, DynStore, Expect, FileStore, HISTORY_LIMIT, IdempotencyKey, ListQuery, MemoryStore,
-    MessageQuery, Order, StoreError, VisibilityFilter, Write,
+    Change, DynStore, Expect, FileStore, HISTORY_LIMIT, IdempotencyKey, ListCursor, ListOrderBy,
+    ListQuery, MemoryStore, MessageQuery, Order, StoreError, VisibilityFilter, Write,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -1661,8 +1661,9 @@ async fn list(s: &DynStore) {
     let lq = |res: Option<&str>, parent: Option<&str>, after: Option<&str>, limit| ListQuery {
         resource_id: res.map(Into::into),
         parent_thread_id: parent.map(Into::into),
-        after: after.map(tid),
+        after: after.map(|a| ListCursor { key: 0, id: tid(a) }),
         limit,
+        ..Default::default()
     };
     let p = s.list(&lq(None, None, None, 2)).await.unwrap();
     assert_eq!(
@@ -1719,6 +1720,266 @@ async fn list(s: &DynStore) {
         }
     }
     assert_eq!(got, want);
+}
+
+/// Pages through a whole listing with `limit`, returning the summaries in the order given.
+async fn list_all(
+    s: &DynStore,
+    base: &ListQuery,
+    between_pages: &mut dyn FnMut(usize) -> Vec<String>,
+) -> Vec<threadgate::store::ThreadSummary> {
+    let mut out = Vec::new();
+    let mut q = base.clone();
+    for page_no in 0.. {
+        let p = s.list(&q).await.expect("list");
+        assert!(p.threads.len() <= q.limit);
+        out.extend(p.threads.iter().cloned());
+        if !p.has_more {
+            break;
+        }
+        assert_eq!(
+            p.threads.len(),
+            q.limit,
+            "a page with more after it is full"
+        );
+        q.after = q.cursor_after(p.threads.last().unwrap());
+        for id in between_pages(page_no) {
+            s.append(
+                &tid(&id),
+                &delta("r", vec![anon("touch")]),
+                Expect::Any,
+                None,
+            )
+            .await
+            .unwrap();
+        }
+    }
+    out
+}
+
+/// The `(key, id)` a listing sorts by.
+fn sort_key(by: ListOrderBy, t: &threadgate::store::ThreadSummary) -> (i64, String) {
+    (by.key(t.created_at, t.updated_at), t.id.clone())
+}
+
+/// Every ordering, both directions, with and without a filter, paged in several sizes, equals
+/// the threads sorted by `(key, id)` (the oracle is computed from the summaries themselves).
+async fn list_orders(s: &DynStore) {
+    let ids = ["m", "c", "x", "a", "q", "b", "z", "k"];
+    for (i, id) in ids.iter().enumerate() {
+        let mut t = Thread::new(*id);
+        t.resource_id = Some(if i % 2 == 0 { "even" } else { "odd" }.into());
+        s.create(&tid(id), t).await.unwrap();
+        // Distinct creation times for some, ties for the others: both must order.
+        if i % 3 == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+        }
+    }
+    // Writes in an order unrelated to ids or creation, so updated_at orders differently.
+    for id in ["k", "a", "x", "m"] {
+        tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+        s.append(&tid(id), &delta("r", vec![anon("w")]), Expect::Any, None)
+            .await
+            .unwrap();
+    }
+    let everything = list_all(
+        s,
+        &ListQuery {
+            limit: 100,
+            ..Default::default()
+        },
+        &mut |_| vec![],
+    )
+    .await;
+    assert_eq!(everything.len(), ids.len());
+    let mut by_updated_desc = everything.clone();
+    by_updated_desc.sort_by_key(|t| std::cmp::Reverse(sort_key(ListOrderBy::UpdatedAt, t)));
+    assert_eq!(
+        by_updated_desc[..4]
+            .iter()
+            .map(|t| t.id.as_str())
+            .collect::<Vec<_>>(),
+        ["m", "x", "a", "k"],
+        "the most recently written first"
+    );
+    for by in [
+        ListOrderBy::Id,
+        ListOrderBy::CreatedAt,
+        ListOrderBy::UpdatedAt,
+    ] {
+        for order in [Order::Asc, Order::Desc] {
+            for resource in [None, Some("even")] {
+                let mut want: Vec<_> = everything
+                    .iter()
+                    .filter(|t| resource.is_none_or(|r| t.resource_id.as_deref() == Some(r)))
+                    .cloned()
+                    .collect();
+                want.sort_by_key(|t| sort_key(by, t));
+                if order == Order::Desc {
+                    want.reverse();
+                }
+                for limit in [1, 3, 100] {
+                    let q = ListQuery {
+                        resource_id: resource.map(Into::into),
+                        order_by: by,
+                        order,
+                        limit,
+                        ..Default::default()
+                    };
+                    let got = list_all(s, &q, &mut |_| vec![]).await;
+                    assert_eq!(
+                        got.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
+                        want.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
+                        "{by:?} {order:?} resource={resource:?} limit={limit}"
+                    );
+                }
+            }
+        }
+    }
+    // A cursor at any thread (in a run of equal keys too, where the store had ties)
+    // continues strictly after it.
+    for at in &everything {
+        let q = ListQuery {
+            order_by: ListOrderBy::CreatedAt,
+            limit: 100,
+            after: Some(ListCursor {
+                key: at.created_at,
+                id: tid(&at.id),
+            }),
+            ..Default::default()
+        };
+        let rest: Vec<_> = s.list(&q).await.unwrap().threads;
+        let mut want: Vec<_> = everything
+            .iter()
+            .filter(|t| sort_key(ListOrderBy::CreatedAt, t) > sort_key(ListOrderBy::CreatedAt, at))
+            .collect();
+        want.sort_by_key(|t| sort_key(ListOrderBy::CreatedAt, t));
+        assert_eq!(
+            rest.iter().map(|t| &t.id).collect::<Vec<_>>(),
+            want.iter().map(|t| &t.id).collect::<Vec<_>>(),
+            "after {}",
+            at.id
+        );
+    }
+    // Deleted threads leave every ordering.
+    s.delete(&tid("x"), Expect::Any).await.unwrap();
+    for by in [
+        ListOrderBy::Id,
+        ListOrderBy::CreatedAt,
+        ListOrderBy::UpdatedAt,
+    ] {
+        let q = ListQuery {
+            order_by: by,
+            order: Order::Desc,
+            limit: 2,
+            ..Default::default()
+        };
+        let got = list_all(s, &q, &mut |_| vec![]).await;
+        assert_eq!(got.len(), ids.len() - 1, "{by:?}");
+        assert!(got.iter().all(|t| t.id != "x"));
+    }
+}
+
+/// Threads written to while a client pages: with a stable key (id, created_at) every thread
+/// is returned exactly once; by updated_at every thread *not* written meanwhile is returned
+/// exactly once, and a written one moves (ascending: never lost, and returned at most once
+/// more per write; descending: never twice), with keys monotonic over the whole pass.
+async fn list_paging_while_writing(s: &DynStore) {
+    let n = 24;
+    let ids: Vec<String> = (0..n).map(|i| format!("t{i:02}")).collect();
+    for id in &ids {
+        create_empty(s, id).await;
+    }
+    let mut round = 0usize;
+    for by in [
+        ListOrderBy::Id,
+        ListOrderBy::CreatedAt,
+        ListOrderBy::UpdatedAt,
+    ] {
+        for order in [Order::Asc, Order::Desc] {
+            // Before each page after the first: write to two threads, one probably already
+            // returned and one probably not (positions spread over the whole listing).
+            let mut written: std::collections::BTreeMap<String, usize> = Default::default();
+            let mut touch = |page: usize| {
+                round += 1;
+                let a = ids[(page * 5 + round) % n].clone();
+                let b = ids[(page * 11 + round * 7 + 3) % n].clone();
+                *written.entry(a.clone()).or_default() += 1;
+                *written.entry(b.clone()).or_default() += 1;
+                vec![a, b]
+            };
+            let q = ListQuery {
+                order_by: by,
+                order,
+                limit: 4,
+                ..Default::default()
+            };
+            let got = list_all(s, &q, &mut touch).await;
+            let count = |id: &str| got.iter().filter(|t| t.id == id).count();
+            let keys: Vec<(i64, String)> = got.iter().map(|t| sort_key(by, t)).collect();
+            for pair in keys.windows(2) {
+                match order {
+                    Order::Asc => assert!(pair[0] < pair[1], "{by:?} asc: {pair:?}"),
+                    Order::Desc => assert!(pair[0] > pair[1], "{by:?} desc: {pair:?}"),
+                }
+            }
+            for id in &ids {
+                let c = count(id);
+                let w = written.get(id).copied().unwrap_or(0);
+                if by != ListOrderBy::UpdatedAt || w == 0 {
+                    assert_eq!(c, 1, "{by:?} {order:?}: {id} returned {c} times");
+                } else if order == Order::Desc {
+                    assert!(c <= 1, "{by:?} desc: written {id} returned {c} times");
+                } else {
+                    // Each write can move it past the cursor once more; it is never lost.
+                    assert!(
+                        (1..=1 + w).contains(&c),
+                        "{by:?} asc: {id} written {w}x, returned {c}x"
+                    );
+                }
+            }
+            assert!(!written.is_empty());
+        }
+    }
+    // Writes racing the listing itself (inside one page request too): pages stay strictly
+    // ordered, and descending by updated_at never returns a thread twice.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (s, ids, stop) = (s.clone(), ids.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 7;
+                s.append(
+                    &tid(&ids[i % ids.len()]),
+                    &delta("r", vec![anon("race")]),
+                    Expect::Any,
+                    None,
+                )
+                .await
+                .unwrap();
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    for _ in 0..5 {
+        let q = ListQuery {
+            order_by: ListOrderBy::UpdatedAt,
+            order: Order::Desc,
+            limit: 5,
+            ..Default::default()
+        };
+        let got = list_all(s, &q, &mut |_| vec![]).await;
+        let keys: Vec<(i64, String)> = got
+            .iter()
+            .map(|t| sort_key(ListOrderBy::UpdatedAt, t))
+            .collect();
+        assert!(keys.windows(2).all(|p| p[0] > p[1]), "{keys:?}");
+        let distinct: BTreeSet<&str> = got.iter().map(|t| t.id.as_str()).collect();
+        assert_eq!(distinct.len(), got.len());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
 }
 
 async fn tricky_ids(s: &DynStore) {
@@ -1960,6 +2221,8 @@ suite!(
     delete,
     messages_paging,
     list,
+    list_orders,
+    list_paging_while_writing,
     tricky_ids,
     nul_and_floats,
     unknown_fields_survive,

@@ -9,8 +9,8 @@ use super::codec::{
 use crate::id::ThreadId;
 use crate::model::{Message, Thread};
 use crate::store::{
-    History, Incarnation, ListPage, ListQuery, MessagePage, MessageQuery, Order, Result, RunRecord,
-    Snapshot, StateAt, StoreError, VisibilityFilter,
+    History, Incarnation, ListOrderBy, ListPage, ListQuery, MessagePage, MessageQuery, Order,
+    Result, RunRecord, Snapshot, StateAt, StoreError, VisibilityFilter,
 };
 use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder};
 
@@ -93,12 +93,8 @@ pub async fn list(pool: &PgPool, q: &ListQuery) -> Result<ListPage> {
     if let Some(p) = &q.parent_thread_id {
         sql.push(" AND parent_thread_id = ").push_bind(enc(p));
     }
-    if let Some(after) = &q.after {
-        sql.push(" AND id > ")
-            .push_bind(after.as_str().to_owned())
-            .push(" COLLATE \"C\"");
-    }
-    sql.push(" ORDER BY id LIMIT ")
+    push_list_order(&mut sql, q);
+    sql.push(" LIMIT ")
         .push_bind(i64::try_from(q.limit.saturating_add(1)).unwrap_or(i64::MAX));
     let rows: Vec<SummaryRow> = sql.build_query_as().fetch_all(pool).await.map_err(db_err)?;
     let has_more = rows.len() > q.limit;
@@ -108,6 +104,42 @@ pub async fn list(pool: &PgPool, q: &ListQuery) -> Result<ListPage> {
         .map(SummaryRow::decode)
         .collect::<Result<_>>()?;
     Ok(ListPage { threads, has_more })
+}
+
+/// The keyset condition and `ORDER BY` of a thread listing (see migrations/0002): rows
+/// strictly after the cursor in `(key, id)` order, compared as a row so that one index range
+/// scan on `(key, id)` (or `(resource_id, key, id)`) serves it. Ids compare byte-wise ("C").
+fn push_list_order(sql: &mut QueryBuilder<'_, Postgres>, q: &ListQuery) {
+    let (cmp, dir) = match q.order {
+        Order::Asc => (">", "ASC"),
+        Order::Desc => ("<", "DESC"),
+    };
+    let column = match q.order_by {
+        ListOrderBy::Id => None,
+        ListOrderBy::CreatedAt => Some("created_at"),
+        ListOrderBy::UpdatedAt => Some("updated_at"),
+    };
+    if let Some(after) = &q.after {
+        let id = after.id.as_str().to_owned();
+        match column {
+            None => {
+                sql.push(format_args!(" AND id {cmp} "))
+                    .push_bind(id)
+                    .push(" COLLATE \"C\"");
+            }
+            Some(col) => {
+                sql.push(format_args!(" AND ({col}, id) {cmp} ("))
+                    .push_bind(after.key)
+                    .push(", ")
+                    .push_bind(id)
+                    .push(" COLLATE \"C\")");
+            }
+        }
+    }
+    match column {
+        None => sql.push(format_args!(" ORDER BY id {dir}")),
+        Some(col) => sql.push(format_args!(" ORDER BY {col} {dir}, id {dir}")),
+    };
 }
 
 /// [`crate::store::Store::messages`], in one statement so the version matches the page.
