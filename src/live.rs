@@ -38,7 +38,7 @@
 use crate::buffer::{Buffer, Entry, Error, LogMsg, decode};
 use crate::id::ThreadId;
 use crate::model::{ChangeSet, Extra, Thread};
-use crate::store::{Change, DynStore, HISTORY_LIMIT, HistoryEntry, StoreError};
+use crate::store::{Change, DynStore, HISTORY_LIMIT, StoreError};
 use async_nats::jetstream;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
@@ -270,13 +270,13 @@ fn write_item(id: &ThreadId, version: u64, change: LiveChange<'_>) -> Item {
     }
 }
 
-fn history_item(id: &ThreadId, e: &HistoryEntry) -> Item {
-    let change = match &e.change {
+fn change_item(id: &ThreadId, version: u64, change: &Change) -> Item {
+    let change = match change {
         Change::Delta(d) => LiveChange::Delta(d),
         Change::Replace(t) => LiveChange::Replace(t),
         Change::Metadata(m) => LiveChange::Metadata(m),
     };
-    write_item(id, e.version, change)
+    write_item(id, version, change)
 }
 
 /// A log entry as an item (a tombstone becomes `deleted`).
@@ -717,23 +717,40 @@ impl Hub {
 
     /// Everything the replay sources hold from `next` on.
     async fn replay(&self, id: &ThreadId, next: u64) -> Result<Replay, Error> {
-        let _permit = self.replays.acquire().await;
         self.metrics.replays.inc();
-        let after = next.saturating_sub(1);
+        let found = self.changes_after(id, next.saturating_sub(1)).await?;
+        Ok(Replay {
+            items: found
+                .changes
+                .iter()
+                .map(|(v, c)| Arc::new(change_item(id, *v, c)))
+                .collect(),
+            head: found.head,
+            complete: found.complete,
+        })
+    }
+
+    /// The thread's writes after version `after`, oldest first, from the replay sources: the
+    /// store's bounded history and, in buffered mode, the unfolded log. This is what SSE
+    /// catch-ups replay and what `GET /v1/threads/{id}/deltas` serves. `NotFound` when the
+    /// thread is gone.
+    pub async fn changes_after(&self, id: &ThreadId, after: u64) -> Result<Changes, Error> {
+        let _permit = self.replays.acquire().await;
+        let next = after.saturating_add(1);
         let Some(buffer) = &self.buffer else {
             let h = self.store.history(id, after, HISTORY_LIMIT).await?;
-            let items = h
+            let changes = h
                 .entries
-                .iter()
-                .map(|e| Arc::new(history_item(id, e)))
+                .into_iter()
+                .map(|e| (e.version, e.change))
                 .collect();
-            return Ok(finish(items, h.version, next));
+            return Ok(Changes::new(changes, h.version, next));
         };
         // Nothing to replay (the usual case for a reconnect at the head): no log scan.
         let head = self.head(id).await?;
         if next > head {
-            return Ok(Replay {
-                items: Vec::new(),
+            return Ok(Changes {
+                changes: Vec::new(),
                 head,
                 complete: next == head + 1,
             });
@@ -745,24 +762,32 @@ impl Hub {
             return Err(StoreError::NotFound.into());
         }
         let log_first = log.first().map(|m| m.version);
-        let mut items = Vec::new();
+        let mut changes = Vec::new();
         let mut head = head;
         if log_first.is_none_or(|f| f > next) {
             let h = self.store.history(id, after, HISTORY_LIMIT).await?;
             head = head.max(h.version);
-            items.extend(
+            changes.extend(
                 h.entries
-                    .iter()
+                    .into_iter()
                     .filter(|e| log_first.is_none_or(|f| e.version < f))
-                    .map(|e| Arc::new(history_item(id, e))),
+                    .map(|e| (e.version, e.change)),
             );
         }
-        items.extend(
-            log.iter()
+        changes.extend(
+            log.into_iter()
                 .filter(|m| m.version >= next)
-                .map(|m| Arc::new(entry_item(id, m.version, &m.entry))),
+                .filter_map(|m| {
+                    let change = match m.entry {
+                        Entry::Delta(d) => Change::Delta(d),
+                        Entry::Replace(t) => Change::Replace(t),
+                        Entry::Metadata(p) => Change::Metadata(p),
+                        Entry::Deleted => return None,
+                    };
+                    Some((m.version, change))
+                }),
         );
-        Ok(finish(items, head, next))
+        Ok(Changes::new(changes, head, next))
     }
 
     /// Opens a subscriber's stream: attach, position it (cursor, snapshot, or the head),
@@ -849,21 +874,35 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
-fn finish(items: Vec<Arc<Item>>, head: u64, next: u64) -> Replay {
-    let contiguous = items
-        .iter()
-        .enumerate()
-        .all(|(i, item)| item.version == next + i as u64);
-    let head = head.max(items.last().map_or(0, |i| i.version));
-    let complete = if items.is_empty() {
-        next == head + 1
-    } else {
-        contiguous
-    };
-    Replay {
-        items,
-        head,
-        complete,
+/// A thread's writes after a position, as the replay sources hold them.
+#[derive(Debug)]
+pub struct Changes {
+    /// `(version, change)`, oldest first, from the position on.
+    pub changes: Vec<(u64, Change)>,
+    /// The thread's current version as far as the sources know.
+    pub head: u64,
+    /// False when the position cannot be continued without a gap (older than what is kept,
+    /// or not a position of this thread).
+    pub complete: bool,
+}
+
+impl Changes {
+    fn new(changes: Vec<(u64, Change)>, head: u64, next: u64) -> Changes {
+        let contiguous = changes
+            .iter()
+            .enumerate()
+            .all(|(i, (v, _))| *v == next + i as u64);
+        let head = head.max(changes.last().map_or(0, |(v, _)| *v));
+        let complete = if changes.is_empty() {
+            next == head + 1
+        } else {
+            contiguous
+        };
+        Changes {
+            changes,
+            head,
+            complete,
+        }
     }
 }
 

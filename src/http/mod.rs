@@ -6,6 +6,7 @@
 pub mod error;
 pub mod events;
 pub mod extract;
+pub mod history;
 pub mod threads;
 
 use crate::writer::Writer;
@@ -34,7 +35,7 @@ pub struct AppState {
     paths(
         threads::create, threads::list, threads::get, threads::replace, threads::patch_metadata,
         threads::delete, threads::append, threads::messages, threads::state, threads::runs,
-        threads::run, threads::flush, events::events, healthz, readyz
+        threads::run, threads::flush, history::history, events::events, healthz, readyz
     ),
     components(schemas(error::Problem, Health, crate::live::DeltaEvent, crate::live::SnapshotEvent,
         crate::live::MetadataEvent, crate::live::FlushedEvent, crate::live::ResetEvent, crate::live::DeletedEvent)),
@@ -62,7 +63,10 @@ pub fn router(state: AppState) -> Router {
                 .patch(threads::patch_metadata)
                 .delete(threads::delete),
         )
-        .route("/v1/threads/{id}/deltas", post(threads::append))
+        .route(
+            "/v1/threads/{id}/deltas",
+            post(threads::append).get(history::history),
+        )
         .route("/v1/threads/{id}/flush", post(threads::flush))
         .route("/v1/threads/{id}/events", get(events::events))
         .route("/v1/threads/{id}/messages", get(threads::messages))

@@ -6,6 +6,7 @@ mod cookbook;
 mod crash;
 mod file_store;
 mod harness;
+mod history;
 mod http_api;
 mod live;
 mod outage;
