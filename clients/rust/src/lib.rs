@@ -38,6 +38,11 @@
 //! of the trait implementations (listing walks the gateway's keyset pages to compute the
 //! offset and total; runs are looked up per thread).
 
+// The crate README's example is compiled as a doc test.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+struct ReadmeDoctests;
+
 mod follow;
 mod store;
 mod transport;

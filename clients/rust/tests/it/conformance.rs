@@ -846,3 +846,44 @@ async fn usable_as_dyn_thread_store() {
     assert!(client.base_url().starts_with("http://127.0.0.1:"));
     gw.stop().await;
 }
+
+/// More threads than one gateway page (200): offsets, totals and `has_more` still match
+/// tirea's, at the page boundaries too.
+#[tokio::test]
+async fn listing_walks_every_gateway_page() {
+    let gw = Gateway::start(Mode::Memory).await;
+    let ours = gw.client();
+    let theirs = tirea_store_adapters::MemoryStore::new();
+    for i in 0..205 {
+        let t = thread(
+            &format!("p{i:03}"),
+            Some(if i % 2 == 0 { "even" } else { "odd" }),
+        );
+        ours.create(&t).await.unwrap();
+        theirs.create(&t).await.unwrap();
+    }
+    let cases = [
+        (0, 200, None),
+        (150, 100, None),
+        (199, 5, None),
+        (200, 5, None),
+        (204, 50, None),
+        (205, 1, None),
+        (5, 200, None),
+        (90, 20, Some("even")),
+        (100, 3, Some("odd")),
+    ];
+    for (offset, limit, resource) in cases {
+        let q = ThreadListQuery {
+            offset,
+            limit,
+            resource_id: resource.map(str::to_owned),
+            parent_thread_id: None,
+        };
+        let label = format!("offset {offset} limit {limit} resource {resource:?}");
+        let a = outcome(ours.list_threads(&q).await);
+        let b = outcome(theirs.list_threads(&q).await);
+        assert_eq!(a, b, "{label}");
+    }
+    gw.stop().await;
+}

@@ -4,4 +4,5 @@
 mod conformance;
 mod follow;
 mod harness;
+mod readme;
 mod retry;
