@@ -172,9 +172,11 @@ impl Inner {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
+            // A check that cannot reach the gateway either decides nothing: the attempt
+            // below (and its own failure) does.
             if maybe_applied
                 && let Some(verify) = verify
-                && verify().await?
+                && matches!(verify().await, Ok(true))
             {
                 return Ok(Sent::Applied);
             }
