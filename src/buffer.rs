@@ -71,7 +71,8 @@ pub enum Entry {
 }
 
 impl Entry {
-    fn into_change(self) -> Option<Change> {
+    /// The store change this entry stands for (`None` for a tombstone).
+    pub(crate) fn into_change(self) -> Option<Change> {
         match self {
             Entry::Delta(d) => Some(Change::Delta(d)),
             Entry::Replace(t) => Some(Change::Replace(t)),

@@ -777,15 +777,7 @@ impl Hub {
         changes.extend(
             log.into_iter()
                 .filter(|m| m.version >= next)
-                .filter_map(|m| {
-                    let change = match m.entry {
-                        Entry::Delta(d) => Change::Delta(d),
-                        Entry::Replace(t) => Change::Replace(t),
-                        Entry::Metadata(p) => Change::Metadata(p),
-                        Entry::Deleted => return None,
-                    };
-                    Some((m.version, change))
-                }),
+                .filter_map(|m| Some((m.version, m.entry.into_change()?))),
         );
         Ok(Changes::new(changes, head, next))
     }

@@ -614,3 +614,28 @@ impl RunReader for ThreadgateStore {
         self.inner.active_run(thread_id).await.map_err(run_error)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::idempotency_key;
+    use tirea_contract::storage::VersionPrecondition::{Any, Exact};
+
+    #[test]
+    fn idempotency_keys_follow_the_call() {
+        let k = idempotency_key("t", Any, b"{}");
+        assert_eq!(
+            k,
+            idempotency_key("t", Any, b"{}"),
+            "a retry sends the same key"
+        );
+        assert!(k.len() <= 255 && k.is_ascii());
+        for other in [
+            idempotency_key("u", Any, b"{}"),
+            idempotency_key("t", Exact(0), b"{}"),
+            idempotency_key("t", Exact(1), b"{}"),
+            idempotency_key("t", Any, b"{ }"),
+        ] {
+            assert_ne!(k, other);
+        }
+    }
+}

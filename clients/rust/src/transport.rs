@@ -301,3 +301,91 @@ pub(crate) fn parse<T: serde::de::DeserializeOwned>(
         ThreadStoreError::Serialization(format!("unexpected answer from threadgate: {e}"))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::{ConfigError, ThreadgateStore};
+    use std::time::Duration;
+
+    fn store(base: &str) -> ThreadgateStore {
+        ThreadgateStore::builder(base)
+            .backoff(Duration::from_millis(100), Duration::from_secs(2))
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn urls_keep_the_base_path_and_encode_ids() {
+        for (base, want) in [
+            (
+                "http://h:8080",
+                "http://h:8080/v1/threads/a%20b%2Fc%3F%25/deltas?after=3",
+            ),
+            (
+                "http://h:8080/",
+                "http://h:8080/v1/threads/a%20b%2Fc%3F%25/deltas?after=3",
+            ),
+            (
+                "https://h/tg/",
+                "https://h/tg/v1/threads/a%20b%2Fc%3F%25/deltas?after=3",
+            ),
+        ] {
+            let url = store(base).inner.url(
+                &["v1", "threads", "a b/c?%", "deltas"],
+                &[("after", "3".into())],
+            );
+            assert_eq!(url.as_str(), want, "{base}");
+        }
+        // Ids the gateway accepts stay readable.
+        let url = store("http://h")
+            .inner
+            .url(&["v1", "threads", "user.42*x>y"], &[]);
+        assert_eq!(url.path(), "/v1/threads/user.42*x%3Ey");
+    }
+
+    #[test]
+    fn bad_base_urls_are_refused() {
+        for bad in [
+            "localhost:8080",
+            "ftp://h",
+            "http://h/?q=1",
+            "http://h/#f",
+            "not a url",
+        ] {
+            assert!(
+                matches!(ThreadgateStore::new(bad), Err(ConfigError::BaseUrl { .. })),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            ThreadgateStore::builder("http://h").token("a\nb").build(),
+            Err(ConfigError::Token)
+        ));
+    }
+
+    #[test]
+    fn backoff_doubles_is_capped_and_jittered() {
+        let s = store("http://h");
+        for _ in 0..100 {
+            for (retry, base) in [
+                (1, 100),
+                (2, 200),
+                (3, 400),
+                (5, 1600),
+                (6, 2000),
+                (30, 2000),
+            ] {
+                let d = s.inner.backoff(retry, None).as_millis() as u64;
+                assert!(d >= base / 2 && d <= base, "retry {retry}: {d} ms");
+            }
+            // A server's Retry-After is honoured up to the cap.
+            let d = s.inner.backoff(1, Some(Duration::from_secs(1))).as_millis();
+            assert!((500..=1000).contains(&d), "{d}");
+            let d = s
+                .inner
+                .backoff(1, Some(Duration::from_secs(60)))
+                .as_millis();
+            assert!((1000..=2000).contains(&d), "{d}");
+        }
+    }
+}
