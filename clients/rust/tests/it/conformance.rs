@@ -887,3 +887,36 @@ async fn listing_walks_every_gateway_page() {
     }
     gw.stop().await;
 }
+
+/// The builder's token goes out as a bearer token (read off the wire: the gateway has no
+/// authentication of its own yet), and is not shown by `Debug`.
+#[tokio::test]
+async fn token_is_sent_as_bearer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = conn.read(&mut buf).await.unwrap();
+        conn.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        String::from_utf8_lossy(&buf[..n]).to_lowercase()
+    });
+    let store = ThreadgateStore::builder(format!("http://{addr}"))
+        .token("s3cret")
+        .build()
+        .unwrap();
+    assert!(!format!("{store:?}").contains("s3cret"));
+    assert!(store.load("x").await.unwrap().is_none());
+    let request = server.await.unwrap();
+    assert!(
+        request.starts_with("get /v1/threads/x?view=live "),
+        "{request}"
+    );
+    assert!(
+        request.contains("\r\nauthorization: bearer s3cret\r\n"),
+        "{request}"
+    );
+}
