@@ -16,13 +16,17 @@ ENV CARGO_TERM_COLOR=never \
 
 # Dependencies first, in their own layer: built from the manifests with placeholder sources,
 # so a source change does not rebuild them.
+# The workspace's client crate only needs its manifest and an empty library to be resolved.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src tests/it \
+COPY clients/rust/Cargo.toml clients/rust/
+RUN mkdir -p src tests/it clients/rust/src clients/rust/tests/it \
  && echo 'fn main() {}' > src/main.rs \
  && : > src/lib.rs \
  && : > tests/it/main.rs \
+ && : > clients/rust/src/lib.rs \
+ && : > clients/rust/tests/it/main.rs \
  && cargo build --release --locked --bin threadgate \
- && rm -rf src tests \
+ && rm -rf src tests clients \
        target/release/threadgate target/release/threadgate.d \
        target/release/deps/threadgate-* target/release/deps/libthreadgate-* \
        target/release/.fingerprint/threadgate-*

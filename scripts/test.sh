@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: makes sure PostgreSQL and NATS (JetStream) are reachable, then runs every
-# test of the crate.
+# test of the workspace (the gateway and the client crates under clients/).
 #
 #   scripts/test.sh [extra args for cargo nextest run]     e.g. scripts/test.sh pg::
 #
@@ -481,10 +481,11 @@ fi
 # END openapi-conformance
 # ---------------------------------------------------------------------------------------------
 
-# Doctests (nextest does not run them): only when some doc comment holds a code block.
-if [[ -f src/lib.rs ]] && grep -rqE '^\s*//[/!].*```' src; then
-    log "cargo test --doc"
-    cargo test --doc --no-fail-fast || status=1
+# Doctests of every workspace member (nextest does not run them): only when some doc comment
+# or crate README holds a code block.
+if grep -rqE '^\s*//[/!].*```' src clients/*/src || grep -qE '^```rust' clients/*/README.md; then
+    log "cargo test --workspace --doc"
+    cargo test --workspace --doc --no-fail-fast || status=1
 fi
 
 if [[ $status == 0 ]]; then log "all passed"; else log "FAILED (see above)"; fi

@@ -8,6 +8,7 @@ pub mod doc;
 pub mod error;
 pub mod events;
 pub mod extract;
+pub mod history;
 pub mod serve;
 pub mod threads;
 
@@ -47,7 +48,7 @@ and an unknown path `404 not_found`."),
     paths(
         threads::create, threads::list, threads::get, threads::replace, threads::patch_metadata,
         threads::delete, threads::append, threads::messages, threads::state, threads::runs,
-        threads::run, threads::flush, events::events, healthz, readyz, metrics, openapi
+        threads::run, threads::flush, history::history, events::events, healthz, readyz, metrics, openapi
     ),
     components(schemas(error::Problem, Health, crate::live::events::DeltaEvent, crate::live::events::SnapshotEvent,
         crate::live::events::MetadataEvent, crate::live::events::FlushedEvent, crate::live::events::ResetEvent, crate::live::events::DeletedEvent,
@@ -77,7 +78,10 @@ pub fn router(state: AppState) -> Router {
                 .patch(threads::patch_metadata)
                 .delete(threads::delete),
         )
-        .route("/v1/threads/{id}/deltas", post(threads::append))
+        .route(
+            "/v1/threads/{id}/deltas",
+            post(threads::append).get(history::history),
+        )
         .route("/v1/threads/{id}/flush", post(threads::flush))
         .route("/v1/threads/{id}/events", get(events::events))
         .route("/v1/threads/{id}/messages", get(threads::messages))

@@ -147,6 +147,17 @@ impl LiveMetrics {
     }
 }
 
+/// A thread's writes after a position (see [`Hub::writes_after`]).
+#[derive(Debug)]
+pub struct WritesAfter {
+    /// The writes from the position on, oldest first (empty when not `complete`).
+    pub writes: Vec<Write>,
+    /// The thread's current version as far as the sources know.
+    pub head: u64,
+    /// False when the position cannot be continued without a gap.
+    pub complete: bool,
+}
+
 /// A replay page as framed items.
 struct Replay {
     items: Vec<Arc<Item>>,
@@ -231,6 +242,33 @@ impl Hub {
                 .collect(),
             head: page.head,
             resume: page.resume,
+        })
+    }
+
+    /// Up to `limit` of the thread's writes after version `after`, from the same sources a
+    /// stream's catch-up replays (so `GET /v1/threads/{id}/deltas` and the stream never
+    /// disagree on what happened at a version). `complete` is false when `after` cannot be
+    /// continued without a gap (older than what is kept, or beyond the thread's head).
+    pub async fn writes_after(
+        &self,
+        id: &ThreadId,
+        after: u64,
+        limit: usize,
+    ) -> Result<WritesAfter> {
+        let _permit = self.replays.acquire().await;
+        let next = after.saturating_add(1);
+        let page = self.source.replay(id, next, limit, None).await?;
+        let contiguous = (next..)
+            .zip(&page.writes)
+            .all(|(want, w)| w.version == want);
+        let complete = match page.writes.last() {
+            Some(_) => contiguous,
+            None => next == page.head + 1,
+        };
+        Ok(WritesAfter {
+            head: page.head.max(page.writes.last().map_or(0, |w| w.version)),
+            writes: if complete { page.writes } else { Vec::new() },
+            complete,
         })
     }
 

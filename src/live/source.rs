@@ -190,16 +190,17 @@ impl LiveSource for LogSource {
                 ..Default::default()
             });
         }
-        // The log first, then the store (see the module docs). The first page holding
-        // versions from `next` on is enough: what comes before them is in the store.
+        // The log first, then the store (see the module docs): what comes before the log's
+        // entries from `next` on is in the store by the time it is read.
         let mut reader = self.log.reader(id, resume).await?;
         let mut from_log: Vec<LogEntry> = Vec::new();
         while let Some(page) = reader.next_page(limit).await? {
             if page.iter().any(LogEntry::is_tombstone) {
                 return Err(StoreError::NotFound.into());
             }
-            from_log = page.into_iter().filter(|e| e.version >= next).collect();
-            if !from_log.is_empty() {
+            // Entries before `next` are read past and dropped: memory stays one page.
+            from_log.extend(page.into_iter().filter(|e| e.version >= next));
+            if from_log.len() >= limit {
                 break;
             }
         }

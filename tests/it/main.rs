@@ -9,6 +9,7 @@ mod crash;
 mod deadlines;
 mod file_store;
 mod harness;
+mod history;
 mod http_api;
 mod incarnation;
 mod limits;

@@ -1,0 +1,8 @@
+//! Integration tests of the client against real gateways started in-process (one test
+//! binary; shared harness in [`harness`]).
+
+mod conformance;
+mod follow;
+mod harness;
+mod readme;
+mod retry;
