@@ -9,6 +9,7 @@ pub mod error;
 pub mod events;
 pub mod extract;
 pub mod history;
+pub mod list;
 pub mod serve;
 pub mod threads;
 
@@ -46,7 +47,7 @@ Errors are `application/problem+json` (RFC 9457) with a stable `code`. Besides t
 any path answers `405 method_not_allowed` for a method it does not list (`#/components/responses/MethodNotAllowed`), \
 and an unknown path `404 not_found`."),
     paths(
-        threads::create, threads::list, threads::get, threads::replace, threads::patch_metadata,
+        threads::create, list::list, threads::get, threads::replace, threads::patch_metadata,
         threads::delete, threads::append, threads::messages, threads::state, threads::runs,
         threads::run, threads::flush, history::history, events::events, healthz, readyz, metrics, openapi
     ),
@@ -70,7 +71,7 @@ pub fn openapi_json() -> String {
 pub fn router(state: AppState) -> Router {
     use axum::routing::post;
     Router::new()
-        .route("/v1/threads", get(threads::list).post(threads::create))
+        .route("/v1/threads", get(list::list).post(threads::create))
         .route(
             "/v1/threads/{id}",
             get(threads::get)

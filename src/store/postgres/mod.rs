@@ -31,6 +31,7 @@
 
 mod codec;
 mod read;
+mod rows;
 mod write;
 
 use super::{
@@ -304,7 +305,7 @@ impl Store for PostgresStore {
 
     async fn idempotent(&self, id: &ThreadId, key: &IdempotencyKey) -> Result<Option<Appended>> {
         let mut conn = self.pool.acquire().await.map_err(db_err)?;
-        match write::remembered(&mut conn, id.as_str(), key).await? {
+        match rows::remembered(&mut conn, id.as_str(), key).await? {
             Some(replay) => Ok(Some(replay)),
             // Unknown key: a missing thread is still NotFound.
             None => self.version(id).await.map(|_| None),

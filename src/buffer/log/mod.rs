@@ -10,18 +10,28 @@
 //! that comes back empty before the end means the rest was trimmed, and a trimmed range is by
 //! construction already in the store. Every request has a deadline ([`NATS_TIMEOUT`]); pages
 //! are bounded in count and bytes, so no read holds a whole log in memory.
+//!
+//! [`codec`] is the wire form, [`reader`] the bounded read, [`follow`] the live follower.
+
+mod codec;
+mod follow;
+mod reader;
+
+pub use codec::{Body, LogEntry, encode};
+pub use follow::{Followed, LogFollower};
+pub use reader::LogReader;
 
 use crate::id::ThreadId;
-use crate::model::{ChangeSet, Extra, Thread};
-use crate::store::{Change, IdempotencyKey, Incarnation, Write};
+use crate::store::{Change, IdempotencyKey, Incarnation};
 use crate::write::{Error, Result};
 use async_nats::HeaderMap;
 use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::message::StreamMessage;
 use async_nats::jetstream::response::Response;
 use async_nats::jetstream::{self, consumer, context::PublishErrorKind, stream};
+use codec::{FlushedNotice, H_IDEM_FP, H_IDEM_KEY, H_VERSION, decode};
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,79 +42,8 @@ pub const MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// JetStream's de-duplication window for `Idempotency-Key` retries: longer than a client's
 /// retry loop, short enough that the server's memory of message ids stays small.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(600);
-/// Messages a read fetches one by one (one request each) before it creates a consumer: most
-/// reads (the entries after a cached head, a short unfolded tail) end within these.
-const SINGLE_READS: usize = 4;
-/// Most bytes one page of a read holds (besides its count bound).
-const PAGE_BYTES: usize = 8 << 20;
-/// How long one pull waits for messages that are not there (only when the log was trimmed
-/// under the reader: otherwise the read stops at its known end first).
-const FETCH_EXPIRES: Duration = Duration::from_secs(1);
-/// A reader's consumer is removed by the server this long after its last fetch, so an
-/// abandoned read leaves nothing behind.
-const READER_IDLE: Duration = Duration::from_secs(10);
 /// Undecodable messages remembered as already set aside (so each is copied once).
 const DEAD_SEEN: usize = 4_096;
-
-const H_VERSION: &str = "Tg-Version";
-const H_IDEM_KEY: &str = "Tg-Idem-Key";
-const H_IDEM_FP: &str = "Tg-Idem-Fp";
-
-/// The payload of a log message (the same tags as [`Change`], plus the tombstone).
-#[derive(Serialize, Deserialize)]
-#[serde(tag = "kind", content = "body", rename_all = "snake_case")]
-enum Payload {
-    Delta(ChangeSet),
-    Replace(Thread),
-    Metadata(Extra),
-    Deleted,
-}
-
-/// What a log entry records.
-#[derive(Debug, Clone, PartialEq)]
-// Nearly every entry is a write: boxing it would cost an allocation per entry read.
-#[allow(clippy::large_enum_variant)]
-pub enum Body {
-    /// A write.
-    Write(Change),
-    /// The thread was deleted at this version; nothing after it belongs to that thread.
-    Deleted,
-}
-
-/// One decoded log message.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LogEntry {
-    /// Its stream sequence: the compare-and-set position and the trim position.
-    pub seq: u64,
-    /// The thread version it produced.
-    pub version: u64,
-    /// Unix milliseconds when JetStream stored it.
-    pub at: i64,
-    /// What it records.
-    pub body: Body,
-    /// The idempotency key it was written with.
-    pub idempotency: Option<IdempotencyKey>,
-}
-
-impl LogEntry {
-    /// True for a delete's tombstone.
-    pub fn is_tombstone(&self) -> bool {
-        self.body == Body::Deleted
-    }
-
-    /// The write it records (`None` for a tombstone).
-    pub fn write(&self) -> Option<Write> {
-        match &self.body {
-            Body::Write(change) => Some(Write {
-                version: self.version,
-                at: self.at,
-                change: change.clone(),
-                idempotency: self.idempotency.clone(),
-            }),
-            Body::Deleted => None,
-        }
-    }
-}
 
 /// A publish that JetStream took.
 #[derive(Debug, Clone, Copy)]
@@ -122,25 +61,6 @@ pub enum PublishFailure {
     Conflict,
     /// Any other failure.
     Error(Error),
-}
-
-/// What a follower reports.
-#[derive(Debug)]
-// Mostly entries, moved on at once: not worth an allocation each.
-#[allow(clippy::large_enum_variant)]
-pub enum Followed {
-    /// A new entry on the thread's subject.
-    Entry(LogEntry),
-    /// A fold put every write up to this version into the store.
-    Flushed(u64),
-    /// The follower may have missed entries (reconnect, undecodable message).
-    Resync,
-}
-
-/// The notice a fold publishes on the thread's event subject.
-#[derive(Serialize, Deserialize)]
-struct FlushedNotice {
-    flushed: u64,
 }
 
 /// How to reach NATS and name things there.
@@ -277,17 +197,9 @@ impl Log {
         timed("flush", self.client.flush()).await
     }
 
-    /// Encodes a write (or a tombstone) as a payload.
+    /// Encodes a write (or a tombstone) as a payload (see [`codec::encode`]).
     pub fn encode(change: Option<&Change>) -> Result<bytes::Bytes> {
-        let payload = match change {
-            Some(Change::Delta(d)) => serde_json::to_vec(&PayloadRef::Delta(d)),
-            Some(Change::Replace(t)) => serde_json::to_vec(&PayloadRef::Replace(t)),
-            Some(Change::Metadata(m)) => serde_json::to_vec(&PayloadRef::Metadata(m)),
-            None => serde_json::to_vec(&Payload::Deleted),
-        };
-        payload
-            .map(Into::into)
-            .map_err(|e| Error::Store(crate::store::StoreError::Internal(e.to_string())))
+        encode(change)
     }
 
     /// Publishes an encoded entry as `version`, only if the subject's last sequence is still
@@ -394,7 +306,7 @@ impl Log {
             next,
             end,
             consumer: None,
-            singles_left: SINGLE_READS,
+            singles_left: reader::SINGLE_READS,
             done: end == 0 || next > end,
         })
     }
@@ -473,7 +385,7 @@ impl Log {
             connects,
             reopen: false,
             last_resync: None,
-            check: tokio::time::interval(FOLLOW_CHECK),
+            check: tokio::time::interval(follow::FOLLOW_CHECK),
         })
     }
 
@@ -561,314 +473,5 @@ impl Log {
             "log message {seq} of thread {id} does not decode ({why}); it was copied to \
              {subject} and left in place"
         ))
-    }
-}
-
-/// The payload of a write, borrowed for encoding.
-#[derive(Serialize)]
-#[serde(tag = "kind", content = "body", rename_all = "snake_case")]
-enum PayloadRef<'a> {
-    Delta(&'a ChangeSet),
-    Replace(&'a Thread),
-    Metadata(&'a Extra),
-}
-
-/// Decodes a log message: its version header, body and idempotency key.
-fn decode(
-    headers: Option<&HeaderMap>,
-    payload: &[u8],
-) -> std::result::Result<(u64, Body, Option<IdempotencyKey>), String> {
-    let headers = headers.ok_or("no headers")?;
-    let version = headers
-        .get(H_VERSION)
-        .and_then(|v| v.as_str().parse::<u64>().ok())
-        .ok_or("no valid Tg-Version header")?;
-    let body = match serde_json::from_slice(payload).map_err(|e| e.to_string())? {
-        Payload::Delta(d) => Body::Write(Change::Delta(d)),
-        Payload::Replace(t) => Body::Write(Change::Replace(t)),
-        Payload::Metadata(m) => Body::Write(Change::Metadata(m)),
-        Payload::Deleted => Body::Deleted,
-    };
-    let idempotency = match (headers.get(H_IDEM_KEY), headers.get(H_IDEM_FP)) {
-        (Some(k), Some(f)) => Some(IdempotencyKey {
-            key: k.as_str().to_owned(),
-            fingerprint: f.as_str().to_owned(),
-        }),
-        _ => None,
-    };
-    Ok((version, body, idempotency))
-}
-
-/// A bounded, paged read of one thread's log (see [`Log::reader`]).
-pub struct LogReader {
-    log: Log,
-    id: ThreadId,
-    /// The next stream sequence to read.
-    next: u64,
-    /// The newest sequence when the read began: the read ends there.
-    end: u64,
-    consumer: Option<consumer::PullConsumer>,
-    /// Messages still to be read one by one before a consumer is created.
-    singles_left: usize,
-    done: bool,
-}
-
-impl LogReader {
-    /// The next page of at most `max` entries (and about [`PAGE_BYTES`]), oldest first;
-    /// `None` once the end is reached or the rest was trimmed.
-    pub async fn next_page(&mut self, max: usize) -> Result<Option<Vec<LogEntry>>> {
-        if self.done {
-            return Ok(None);
-        }
-        let max = max.max(1);
-        let mut page = Vec::new();
-        if self.consumer.is_none() {
-            // Short reads (the common case) need no consumer: one request per message, for
-            // the first few messages of the read.
-            while self.singles_left > 0 && page.len() < max && self.next <= self.end {
-                self.singles_left -= 1;
-                match self.log.next_from(&self.id, self.next).await? {
-                    Some(e) if e.seq <= self.end => {
-                        self.next = e.seq + 1;
-                        page.push(e);
-                    }
-                    // Nothing up to the end is left: trimmed under us, so already folded.
-                    _ => self.next = self.end + 1,
-                }
-            }
-            if self.next > self.end {
-                self.done = true;
-                return Ok((!page.is_empty()).then_some(page));
-            }
-            if !page.is_empty() {
-                return Ok(Some(page));
-            }
-            self.consumer = Some(self.create_consumer().await?);
-        }
-        let Some(consumer) = &self.consumer else {
-            return Ok(None);
-        };
-        // Not a no-wait fetch: NATS 2.9 leaves one unanswered when the subject was purged
-        // under the consumer. A pull that expires ends on its own; in the normal case the
-        // read stops at the end it knows long before that.
-        let fetch = consumer
-            .batch()
-            .max_messages(max)
-            .max_bytes(PAGE_BYTES.max(self.log.max_payload + 65_536))
-            .expires(FETCH_EXPIRES)
-            .messages();
-        let mut batch = timed("fetch", fetch).await?;
-        loop {
-            let msg = match tokio::time::timeout(NATS_TIMEOUT, batch.next()).await {
-                Ok(Some(Ok(msg))) => msg,
-                // The pull ended early (its byte budget): the next page continues.
-                Ok(Some(Err(_))) if !page.is_empty() => break,
-                Ok(Some(Err(e))) => return Err(unavailable("fetch", e)),
-                Ok(None) => break,
-                Err(_) => return Err(unavailable("fetch", "timed out")),
-            };
-            let info = msg.info().map_err(|e| unavailable("fetch", e))?;
-            let seq = info.stream_sequence;
-            let at = (info.published.unix_timestamp_nanos() / 1_000_000) as i64;
-            match decode(msg.headers.as_ref(), &msg.payload) {
-                Ok((version, body, idempotency)) => page.push(LogEntry {
-                    seq,
-                    version,
-                    at,
-                    body,
-                    idempotency,
-                }),
-                Err(why) => {
-                    let (headers, payload) = (msg.headers.clone(), msg.payload.clone());
-                    return Err(self
-                        .log
-                        .set_aside(&self.id, seq, headers, payload, why)
-                        .await);
-                }
-            }
-            self.next = seq + 1;
-            if seq >= self.end {
-                break;
-            }
-        }
-        if self.next > self.end {
-            self.done = true;
-        } else if page.is_empty() {
-            // A fetch that finds nothing before the end: the rest was trimmed (folded) under
-            // us, which one request confirms; anything else is an inconsistent read.
-            if let Some(e) = self.log.next_from(&self.id, self.next).await?
-                && e.seq <= self.end
-            {
-                return Err(unavailable(
-                    "fetch",
-                    format!("entry {} was not delivered", e.seq),
-                ));
-            }
-            self.done = true;
-        }
-        page.retain(|e| e.seq <= self.end);
-        Ok((!page.is_empty()).then_some(page))
-    }
-
-    /// Reads every remaining entry into memory: only for reads known to be short.
-    pub async fn collect(mut self, max: usize) -> Result<Vec<LogEntry>> {
-        let mut out = Vec::new();
-        while let Some(page) = self.next_page(max).await? {
-            out.extend(page);
-        }
-        Ok(out)
-    }
-
-    async fn create_consumer(&self) -> Result<consumer::PullConsumer> {
-        let config = consumer::pull::Config {
-            filter_subject: self.log.subject(&self.id),
-            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: self.next,
-            },
-            ack_policy: consumer::AckPolicy::None,
-            inactive_threshold: READER_IDLE,
-            memory_storage: true,
-            num_replicas: 1,
-            ..Default::default()
-        };
-        timed("create reader", self.log.stream.create_consumer(config)).await
-    }
-}
-
-/// How often a follower checks whether the client reconnected (its consumer may be gone).
-const FOLLOW_CHECK: Duration = Duration::from_secs(1);
-
-/// Follows one thread's log for the live hub (see [`Log::follow`]): an ordered consumer
-/// (what JetStream stored, in order; a plain subscription would also see publishes that lost
-/// a compare-and-set) reopened after the last sequence seen whenever the client reconnects,
-/// plus the thread's `flushed` notices.
-pub struct LogFollower {
-    log: Log,
-    id: ThreadId,
-    consumer: String,
-    messages: consumer::pull::Ordered,
-    notices: async_nats::Subscriber,
-    notices_open: bool,
-    last_seq: u64,
-    stats: Arc<async_nats::Statistics>,
-    connects: u64,
-    reopen: bool,
-    last_resync: Option<tokio::time::Instant>,
-    check: tokio::time::Interval,
-}
-
-impl LogFollower {
-    /// The next event; `None` never comes while the follower is healthy (it reconnects).
-    pub async fn next(&mut self) -> Option<Followed> {
-        loop {
-            if self.reopen {
-                match self.log.open_follow(&self.id, self.last_seq).await {
-                    Ok((name, messages)) => {
-                        self.consumer = name;
-                        self.messages = messages;
-                        self.reopen = false;
-                        return Some(Followed::Resync);
-                    }
-                    Err(e) => {
-                        tracing::warn!(thread = %self.id, error = %e, "live follower could not reopen; retrying");
-                        self.check.tick().await;
-                        continue;
-                    }
-                }
-            }
-            tokio::select! {
-                _ = self.check.tick() => {
-                    let now = self.stats.connects.load(std::sync::atomic::Ordering::Relaxed);
-                    if now != self.connects && self.log.is_connected() {
-                        self.connects = now;
-                        self.reopen = true;
-                    }
-                }
-                msg = self.messages.next() => match msg {
-                    Some(Ok(msg)) => {
-                        let Ok(info) = msg.info() else { continue };
-                        let seq = info.stream_sequence;
-                        self.last_seq = self.last_seq.max(seq);
-                        let at = (info.published.unix_timestamp_nanos() / 1_000_000) as i64;
-                        match decode(msg.headers.as_ref(), &msg.payload) {
-                            Ok((version, body, idempotency)) => {
-                                return Some(Followed::Entry(LogEntry { seq, version, at, body, idempotency }));
-                            }
-                            Err(why) => {
-                                tracing::warn!(thread = %self.id, %why, "undecodable log message skipped by the live follower");
-                                return Some(Followed::Resync);
-                            }
-                        }
-                    }
-                    Some(Err(e)) => {
-                        tracing::debug!(thread = %self.id, error = %e, "live follower error");
-                        if self.last_resync.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
-                            self.last_resync = Some(tokio::time::Instant::now());
-                            return Some(Followed::Resync);
-                        }
-                    }
-                    None => self.reopen = true,
-                },
-                notice = self.notices.next(), if self.notices_open => match notice {
-                    Some(n) => {
-                        if let Ok(notice) = serde_json::from_slice::<FlushedNotice>(&n.payload) {
-                            return Some(Followed::Flushed(notice.flushed));
-                        }
-                    }
-                    // Only on client shutdown; the log still feeds the follower.
-                    None => self.notices_open = false,
-                },
-            }
-        }
-    }
-
-    /// Removes the follower's consumer now (it would expire on its own).
-    pub async fn close(self) {
-        let LogFollower {
-            log,
-            consumer,
-            messages,
-            ..
-        } = self;
-        drop(messages);
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            log.js
-                .delete_consumer_from_stream(&consumer, &*log.stream_name()),
-        )
-        .await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn payloads_round_trip() {
-        let delta: ChangeSet = serde_json::from_value(serde_json::json!({
-            "run_id": "r", "reason": "RunFinished", "messages": [], "patches": []
-        }))
-        .unwrap();
-        let mut h = HeaderMap::new();
-        h.insert(H_VERSION, "7");
-        for change in [
-            Some(Change::Delta(delta)),
-            Some(Change::Metadata(Extra::new())),
-            Some(Change::Replace(Thread::new("t"))),
-            None,
-        ] {
-            let bytes = Log::encode(change.as_ref()).unwrap();
-            let (version, body, key) = decode(Some(&h), &bytes).unwrap();
-            assert_eq!(version, 7);
-            assert_eq!(key, None);
-            match (change, body) {
-                (Some(c), Body::Write(b)) => assert_eq!(c, b),
-                (None, Body::Deleted) => {}
-                (c, b) => panic!("{c:?} came back as {b:?}"),
-            }
-        }
-        assert!(decode(None, b"{}").is_err());
-        assert!(decode(Some(&h), b"{\"kind\":\"nope\"}").is_err());
     }
 }
