@@ -11,7 +11,7 @@
 //
 // * `follow()` loads the live snapshot, then streams the thread's events from the snapshot's
 //   version and applies every `delta`, `snapshot` and `metadata` event to a local copy with
-//   the server's rules (WIRE.md: messages de-duplicated by id, all nine patch ops with their
+//   the server's rules (docs/wire.md: messages de-duplicated by id, all nine patch ops with their
 //   exact failure cases, a snapshot replacing the state). It hands the UI the materialized
 //   thread after every event. Positions are versions: an event at or below the version
 //   already applied is dropped, one that skips a version makes the copy reload, so no event
@@ -348,7 +348,7 @@ function typeName(v) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Patch ops (WIRE.md)
+// Patch ops (docs/wire.md)
 // ---------------------------------------------------------------------------------------------
 
 /** The nine patch ops. */
@@ -608,7 +608,7 @@ function isU64(v) {
 
 /**
  * A u64 above i64::MAX becomes the nearest float, recursively: the gateway stores integers
- * only when they fit i64 (WIRE.md).
+ * only when they fit i64 (docs/wire.md).
  */
 function normalize(v) {
   if (typeof v === 'bigint') return v > I64_MAX ? mkFloat(Number(v)) : v;

@@ -28,7 +28,7 @@
 //! connection becomes idle, not when the first byte of the next head arrives, so it is also the
 //! keep-alive timeout and the two cannot differ (a 10 s header bound would close every polling
 //! browser's connection after 10 s of quiet). So hyper's is switched off and one small
-//! per-connection watchdog ([`Watch`]) keeps the deadline of the connection's current phase:
+//! per-connection watchdog (`Watch`) keeps the deadline of the connection's current phase:
 //! the I/O wrapper reports reads and stalled writes, the service wrapper reports requests
 //! starting and their response bodies ending.
 //!

@@ -6,13 +6,13 @@
 //! reader stalling everyone, one broker consumer per browser) all come from mixing those
 //! concerns per connection. Here they are separated:
 //!
-//! * **One upstream per thread per process** ([`topic`]): a bounded broadcast channel shared
+//! * **One upstream per thread per process** (`topic`): a bounded broadcast channel shared
 //!   by every local subscriber of the thread. Where its writes come from is the
 //!   [`source::LiveSource`] chosen at start-up: in direct mode the write path publishes each
 //!   committed write ([`Hub::publish`]); in buffered mode one task per topic follows the
 //!   thread's JetStream log (only what JetStream stored, in order), plus `flushed` notices.
 //!   No NATS consumer exists per browser.
-//! * **Per subscriber: attach first, then replay, then live** ([`subscriber`]), de-duplicated
+//! * **Per subscriber: attach first, then replay, then live** (`subscriber`), de-duplicated
 //!   by version, with catch-ups served from the topic's recent items or, one page at a time,
 //!   from the source's replay (the store's bounded history and, in buffered mode, the
 //!   unfolded log). A position older than anything replayable gets `reset` — never a silent

@@ -1,4 +1,4 @@
-//! Applying a delta (a `ChangeSet`) to a thread, and number normalization (WIRE.md).
+//! Applying a delta (a `ChangeSet`) to a thread, and number normalization (`docs/wire.md`).
 //!
 //! [`plan_delta`] computes what a delta does without changing anything, so row-based stores can
 //! write only the new rows; [`apply_delta`] applies that plan to an in-memory [`Thread`].
@@ -145,7 +145,7 @@ pub fn apply_delta(
     Ok(plan)
 }
 
-/// WIRE.md: integers that fit i64 stay integers; others (u64 > i64::MAX) become floats.
+/// `docs/wire.md`: integers that fit i64 stay integers; others (u64 > i64::MAX) become floats.
 /// Recursively normalizes a Value in place.
 pub fn normalize_numbers(v: &mut Value) {
     match v {

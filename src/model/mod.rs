@@ -1,4 +1,4 @@
-//! The tirea 0.5 wire model (see WIRE.md): threads, messages, change sets and patches.
+//! The tirea 0.5 wire model (see `docs/wire.md`): threads, messages, change sets and patches.
 //!
 //! Pure data and pure functions: nothing here does I/O, so every backend and the HTTP edge
 //! share one definition of what a thread is and what applying a delta means. Fields that the

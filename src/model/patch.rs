@@ -1,4 +1,4 @@
-//! Applying patch ops to a JSON state, exactly as WIRE.md's table says.
+//! Applying patch ops to a JSON state, exactly as the table in `docs/wire.md` says.
 //!
 //! Path walking has two modes:
 //! - **creating** (`set`, `append`, `merge_object`, `lattice_merge`): a key segment turns a
@@ -177,7 +177,7 @@ fn add_to(target: &mut Value, amount: &Number, sign: char) -> Result<(), PatchEr
             found: type_name(target),
         });
     };
-    // Integers that fit i64 stay integers; a u64 above i64::MAX counts as a float (WIRE.md).
+    // Integers that fit i64 stay integers; a u64 above i64::MAX counts as a float (`docs/wire.md`).
     let result = match (current.as_i64(), amount.as_i64()) {
         (Some(c), Some(a)) => {
             let r = if sign == '+' {

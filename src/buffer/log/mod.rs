@@ -11,7 +11,7 @@
 //! construction already in the store. Every request has a deadline ([`NATS_TIMEOUT`]); pages
 //! are bounded in count and bytes, so no read holds a whole log in memory.
 //!
-//! [`codec`] is the wire form, [`reader`] the bounded read, [`follow`] the live follower.
+//! `codec` is the wire form, `reader` the bounded read, `follow` the live follower.
 
 mod codec;
 mod follow;

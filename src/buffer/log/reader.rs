@@ -36,7 +36,7 @@ pub struct LogReader {
 }
 
 impl LogReader {
-    /// The next page of at most `max` entries (and about [`PAGE_BYTES`]), oldest first;
+    /// The next page of at most `max` entries (and about `PAGE_BYTES`), oldest first;
     /// `None` once the end is reached or the rest was trimmed.
     pub async fn next_page(&mut self, max: usize) -> Result<Option<Vec<LogEntry>>> {
         if self.done {
