@@ -1,5 +1,14 @@
-//! Test support shared by the suites: polling until a condition holds.
+//! Test support shared by the suites: a seeded generator ([`rng`]), a client that retries
+//! through crashes ([`retry`]), the in-memory oracle ([`oracle`]), an SSE client ([`sse`]),
+//! JSON request helpers, and polling until a condition holds ([`eventually`]).
 
+pub mod oracle;
+pub mod retry;
+pub mod rng;
+pub mod sse;
+
+use reqwest::StatusCode;
+use serde_json::Value;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
@@ -29,4 +38,27 @@ where
             tokio::time::sleep(POLL).await;
         }
     }
+}
+
+/// GET that must answer 200 with JSON.
+pub async fn get_json(http: &reqwest::Client, base: &str, path: &str) -> Value {
+    let res = http.get(format!("{base}{path}")).send().await.unwrap();
+    let status = res.status();
+    let text = res.text().await.unwrap();
+    assert_eq!(status, StatusCode::OK, "GET {path}: {text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+/// POST that must answer 2xx with JSON.
+pub async fn post_json(http: &reqwest::Client, base: &str, path: &str, body: &Value) -> Value {
+    let res = http
+        .post(format!("{base}{path}"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = res.status();
+    let text = res.text().await.unwrap();
+    assert!(status.is_success(), "POST {path}: {status} {text}");
+    serde_json::from_str(&text).unwrap()
 }
