@@ -16,23 +16,30 @@ use std::fmt;
 /// 255-byte file name.
 pub const MAX_ID_LEN: usize = 128;
 
+/// A valid thread id (see the module docs for the rule).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(transparent)]
 pub struct ThreadId(String);
 
+/// Why a string is not a thread id.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidId {
+    /// The empty string.
     #[error("must not be empty")]
     Empty,
+    /// Longer than [`MAX_ID_LEN`] bytes.
     #[error("must be at most {MAX_ID_LEN} characters, got {0}")]
     TooLong(usize),
+    /// A character the rule refuses.
     #[error("character {0:?} is not allowed (visible ASCII except / \\ ? # %)")]
     BadChar(char),
+    /// `.` or `..`.
     #[error("must not be `.` or `..`")]
     Dots,
 }
 
 impl ThreadId {
+    /// Checks the rule and wraps the id.
     pub fn parse(s: &str) -> Result<Self, InvalidId> {
         if s.is_empty() {
             return Err(InvalidId::Empty);
@@ -57,6 +64,7 @@ impl ThreadId {
         ThreadId(uuid::Uuid::now_v7().to_string())
     }
 
+    /// The id as text.
     pub fn as_str(&self) -> &str {
         &self.0
     }

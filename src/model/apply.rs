@@ -18,13 +18,21 @@ pub enum DeltaError {
     /// field path like `patches[2].patch.ops[0]`.
     #[error("patches[{patch}].patch.ops[{op}] ({}): {error}", .error.op)]
     Patch {
+        /// Index of the patch in the delta.
         patch: usize,
+        /// Index of the op in the patch.
         op: usize,
+        /// Why the op failed.
         error: PatchError,
     },
     /// The delta's `snapshot` nests deeper than [`MAX_STATE_DEPTH`].
     #[error("snapshot: nests {depth} levels deep; the limit is {limit}")]
-    SnapshotTooDeep { depth: usize, limit: usize },
+    SnapshotTooDeep {
+        /// How deep the snapshot is.
+        depth: usize,
+        /// The limit.
+        limit: usize,
+    },
 }
 
 impl DeltaError {

@@ -21,17 +21,22 @@ pub type Extra = Map<String, Value>;
 /// A conversation thread in tirea's `Thread` shape.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Thread {
+    /// The thread's id (the URL's `{id}`).
     pub id: String,
+    /// Who owns the thread (a user or an organisation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource_id: Option<String>,
+    /// The thread this one was spawned from (a sub-agent's parent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_thread_id: Option<String>,
+    /// The messages, in order; a message's position is its cursor.
     #[serde(default)]
     pub messages: Vec<Message>,
     /// The base state; the current state is this with `patches` applied in order.
     #[serde(default)]
     #[schema(value_type = Value)]
     pub state: Value,
+    /// State patches applied to `state` in order to get the current state.
     #[serde(default)]
     pub patches: Vec<TrackedPatch>,
     /// `created_at`, `updated_at`, `version`, `version_timestamp` and custom keys, flat.
@@ -55,43 +60,61 @@ impl Thread {
     }
 }
 
+/// Who wrote a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
+    /// A system prompt.
     System,
+    /// The user.
     User,
+    /// The model.
     Assistant,
+    /// A tool's result.
     Tool,
 }
 
+/// Who may see a message.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Visibility {
+    /// Everyone (the default; omitted on the wire).
     #[default]
     All,
+    /// Only the model: left out of message pages unless asked for.
     Internal,
 }
 
 impl Visibility {
+    /// True for the default, so it can be left out when serialising.
     pub fn is_all(&self) -> bool {
         *self == Visibility::All
     }
 }
 
+/// One message of a thread.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Message {
+    /// Unique within the thread; a message whose id the thread has is not appended again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// Who wrote it.
     pub role: Role,
+    /// Its text.
     pub content: String,
+    /// Tool calls the model made (an empty list is kept as sent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<ToolCall>>,
+    /// The call this message answers (role `tool`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_call_id: Option<String>,
+    /// `all` (default) or `internal`.
     #[serde(default, skip_serializing_if = "Visibility::is_all")]
     pub visibility: Visibility,
+    /// The run and step that produced it (an empty object is kept as sent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<MessageMetadata>,
+    /// Fields this gateway does not know, kept as sent.
     #[serde(flatten)]
     #[schema(value_type = Object)]
     pub extra: Extra,
@@ -104,143 +127,206 @@ impl Message {
     }
 }
 
+/// A tool call the model made.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ToolCall {
+    /// The call's id (a `tool` message's `tool_call_id` refers to it).
     pub id: String,
+    /// The tool's name.
     pub name: String,
+    /// The arguments, any JSON.
     #[schema(value_type = Value)]
     pub arguments: Value,
 }
 
+/// Where a message came from.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct MessageMetadata {
+    /// The run that produced it (the `run_id` filter of message pages).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_id: Option<String>,
+    /// The step within the run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_index: Option<u64>,
+    /// Fields this gateway does not know, kept as sent.
     #[serde(flatten)]
     #[schema(value_type = Object)]
     pub extra: Extra,
 }
 
+/// Why a delta was written (a `RunFinished` delta folds the run in buffered mode).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub enum Reason {
+    /// A user message was added.
     UserMessage,
+    /// The model finished a turn.
     AssistantTurnCommitted,
+    /// Tool results were added.
     ToolResultsCommitted,
+    /// The run ended.
     RunFinished,
 }
 
 /// One delta (tirea's `ThreadChangeSet`), accepted unchanged on `POST .../deltas`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ChangeSet {
+    /// The run that wrote the delta.
     pub run_id: String,
+    /// The run that started this one, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_run_id: Option<String>,
+    /// Creates or updates the run's record.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_meta: Option<RunMeta>,
+    /// Why the delta was written.
     pub reason: Reason,
+    /// Messages to append (de-duplicated by id).
     #[serde(default)]
     pub messages: Vec<Message>,
+    /// Patches to append; they must apply to the current state.
     #[serde(default)]
     pub patches: Vec<TrackedPatch>,
+    /// State actions, stored and returned, never interpreted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actions: Option<Vec<StateAction>>,
     /// When present and not `null`, replaces the state and clears the thread's patches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Value)]
     pub snapshot: Option<Value>,
+    /// Fields this gateway does not know, kept as sent.
     #[serde(flatten)]
     #[schema(value_type = Object)]
     pub extra: Extra,
 }
 
+/// Where a run was started from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RunOrigin {
+    /// A user.
     User,
+    /// Another agent.
     Subagent,
+    /// An AG-UI frontend.
     AgUi,
+    /// The AI SDK.
     AiSdk,
+    /// Agent-to-agent.
     A2a,
+    /// The runtime itself.
     Internal,
 }
 
+/// Where a run stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
+    /// It is running.
     Running,
+    /// It waits for input.
     Waiting,
+    /// It ended.
     Done,
 }
 
+/// A run's metadata, as its deltas report it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct RunMeta {
+    /// The agent that runs.
     pub agent_id: String,
+    /// Where the run was started from.
     pub origin: RunOrigin,
+    /// Where it stands.
     pub status: RunStatus,
+    /// The thread the run belongs to, if not this one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_thread_id: Option<String>,
+    /// Why it ended (a machine code).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub termination_code: Option<String>,
+    /// Why it ended (for people).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub termination_detail: Option<String>,
+    /// The mailbox entry that started it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_mailbox_entry_id: Option<String>,
+    /// Tokens read by the model so far.
     #[serde(default)]
     pub input_tokens: u64,
+    /// Tokens written by the model so far.
     #[serde(default)]
     pub output_tokens: u64,
+    /// Fields this gateway does not know, kept as sent.
     #[serde(flatten)]
     #[schema(value_type = Object)]
     pub extra: Extra,
 }
 
+/// What a state action applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ActionScope {
+    /// The thread.
     Thread,
+    /// The run.
     Run,
+    /// One tool call.
     ToolCall,
 }
 
 /// Carried and stored, never interpreted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct StateAction {
+    /// The state type's name.
     pub state_type_name: String,
+    /// Where in the state it applies.
     pub base_path: String,
+    /// What it applies to.
     pub scope: ActionScope,
+    /// A tool call id to use instead of the current one.
     #[serde(default)]
     pub call_id_override: Option<String>,
+    /// Its payload, any JSON.
     #[schema(value_type = Value)]
     pub payload: Value,
+    /// Fields this gateway does not know, kept as sent.
     #[serde(flatten)]
     #[schema(value_type = Object)]
     pub extra: Extra,
 }
 
+/// A patch with its provenance.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct TrackedPatch {
+    /// The ops.
     pub patch: Patch,
+    /// The patch's id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// When it was made (unix milliseconds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timestamp: Option<u64>,
+    /// Who made it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// What it does (for people).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
 }
 
+/// Ops applied in order, all or nothing.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Patch {
+    /// The ops.
     pub ops: Vec<Op>,
 }
 
 /// One path segment: an object key or an array index.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Seg {
+    /// An object key.
     Key(String),
+    /// An array index.
     Index(usize),
 }
 
@@ -329,47 +415,74 @@ impl std::fmt::Display for Path {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
+    /// Writes `value` at `path`, creating the way.
     Set {
+        /// Where.
         path: Path,
+        /// What.
         #[schema(value_type = Value)]
         value: Value,
     },
+    /// Removes the key or element at `path`; a missing path is a no-op.
     Delete {
+        /// Where.
         path: Path,
     },
+    /// Pushes `value` onto the array at `path` (a missing or `null` target becomes `[]`).
     Append {
+        /// The array.
         path: Path,
+        /// What to push.
         #[schema(value_type = Value)]
         value: Value,
     },
+    /// Inserts the keys of `value` into the object at `path` (a missing or `null` target becomes `{}`).
     MergeObject {
+        /// The object.
         path: Path,
+        /// An object whose keys are inserted.
         #[schema(value_type = Value)]
         value: Value,
     },
+    /// Adds `amount` to the number at `path`.
     Increment {
+        /// The number.
         path: Path,
+        /// How much.
         #[schema(value_type = f64)]
         amount: Number,
     },
+    /// Subtracts `amount` from the number at `path`.
     Decrement {
+        /// The number.
         path: Path,
+        /// How much.
         #[schema(value_type = f64)]
         amount: Number,
     },
+    /// Inserts `value` at `index` into the array at `path`.
     Insert {
+        /// The array.
         path: Path,
+        /// Where in the array (at most its length).
         index: usize,
+        /// What to insert.
         #[schema(value_type = Value)]
         value: Value,
     },
+    /// Removes the first element equal to `value` from the array at `path`.
     Remove {
+        /// The array.
         path: Path,
+        /// The element to remove (JSON equality: `1` is not `1.0`).
         #[schema(value_type = Value)]
         value: Value,
     },
+    /// Exactly `set` (the gateway has no merge registry).
     LatticeMerge {
+        /// Where.
         path: Path,
+        /// What.
         #[schema(value_type = Value)]
         value: Value,
     },

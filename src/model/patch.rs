@@ -22,6 +22,7 @@ pub struct PatchError {
     pub op: &'static str,
     /// The op's path, rendered with `Path`'s `Display` (`/a/0/b`, `/` for the root).
     pub path: String,
+    /// Why it failed.
     pub kind: PatchErrorKind,
 }
 
@@ -33,43 +34,81 @@ pub enum PatchErrorKind {
     PathNotFound,
     /// An index segment (or `insert`'s index) past the end of the array.
     #[error("index {index} is out of bounds for an array of length {len}")]
-    IndexOutOfBounds { index: usize, len: usize },
+    IndexOutOfBounds {
+        /// The index asked for.
+        index: usize,
+        /// The array's length.
+        len: usize,
+    },
     /// An index segment met something that is not an array.
     #[error("index {index} used on {found}, which is not an array")]
-    IndexIntoNonArray { index: usize, found: &'static str },
+    IndexIntoNonArray {
+        /// The index asked for.
+        index: usize,
+        /// The JSON type met instead.
+        found: &'static str,
+    },
     /// A non-creating op's key segment met something that is not an object.
     #[error("key {key:?} used on {found}, which is not an object")]
-    KeyIntoNonObject { key: String, found: &'static str },
+    KeyIntoNonObject {
+        /// The key asked for.
+        key: String,
+        /// The JSON type met instead.
+        found: &'static str,
+    },
     /// The target of `append`, `insert` or `remove` is not an array.
     #[error("target is {found}, not an array")]
-    NotAnArray { found: &'static str },
+    NotAnArray {
+        /// The JSON type met instead.
+        found: &'static str,
+    },
     /// The target of `merge_object` is not an object.
     #[error("target is {found}, not an object")]
-    NotAnObject { found: &'static str },
+    NotAnObject {
+        /// The JSON type met instead.
+        found: &'static str,
+    },
     /// `merge_object`'s value is not an object.
     #[error("value is {found}, not an object")]
-    ValueNotAnObject { found: &'static str },
+    ValueNotAnObject {
+        /// The value's JSON type.
+        found: &'static str,
+    },
     /// The target of `increment` / `decrement` is not a number.
     #[error("target is {found}, not a number")]
-    NotANumber { found: &'static str },
+    NotANumber {
+        /// The JSON type met instead.
+        found: &'static str,
+    },
     /// Integer arithmetic left the i64 range (never wraps).
     #[error("integer overflow: {current} {sign} {amount} does not fit in i64")]
     Overflow {
+        /// The number before.
         current: i64,
+        /// `+` or `-`.
         sign: char,
+        /// The amount.
         amount: i64,
     },
     /// Float arithmetic produced an infinity or NaN.
     #[error("result of {current} {sign} {amount} is not a finite number")]
     NotFinite {
+        /// The number before.
         current: f64,
+        /// `+` or `-`.
         sign: char,
+        /// The amount.
         amount: f64,
     },
     /// The op would nest the state deeper than [`MAX_STATE_DEPTH`] (its path plus its value),
     /// or its path is longer than that.
     #[error("would nest the state {depth} levels deep; the limit is {limit}")]
-    TooDeep { depth: usize, limit: usize },
+    TooDeep {
+        /// How deep the state would get.
+        depth: usize,
+        /// The limit.
+        limit: usize,
+    },
 }
 
 /// The JSON type of a value, for error messages.

@@ -31,6 +31,7 @@ pub struct Files {
     tmp_seq: AtomicU64,
 }
 
+/// The file backend: records in memory, each persisted to its own file.
 pub type FileStore = Records<Files>;
 
 impl FileStore {

@@ -132,6 +132,7 @@ pub struct Records<P> {
     persist: Arc<P>,
 }
 
+/// The memory backend: records in memory only, lost on exit.
 pub type MemoryStore = Records<Volatile>;
 
 impl MemoryStore {

@@ -35,28 +35,47 @@ pub const IDEMPOTENCY_KEYS_KEPT: usize = 1_000;
 pub const SERVER_METADATA_KEYS: [&str; 4] =
     ["created_at", "updated_at", "version", "version_timestamp"];
 
+/// Results of store operations.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// No such thread.
     #[error("thread not found")]
     NotFound,
+    /// The thread has no such run.
     #[error("run not found")]
     RunNotFound,
+    /// A thread with this id exists.
     #[error("thread already exists")]
     AlreadyExists,
+    /// The version is not the expected one.
     #[error("version conflict: expected {expected}, actual {actual}")]
-    VersionConflict { expected: u64, actual: u64 },
+    VersionConflict {
+        /// The version the write expected.
+        expected: u64,
+        /// The thread's version.
+        actual: u64,
+    },
+    /// The delta does not apply.
     #[error("{0}")]
     InvalidDelta(#[from] DeltaError),
     /// A full thread whose patches do not rebuild on its state.
     #[error("{field}: {message}")]
-    InvalidThread { field: String, message: String },
+    InvalidThread {
+        /// The field at fault.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The idempotency key came with another request body before.
     #[error("idempotency key was already used for a different request")]
     IdempotencyKeyReused,
     /// The backend cannot be reached; the request can be retried.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// Anything else (a bug or corrupt data); details for the log only.
     #[error("store failure: {0}")]
     Internal(String),
 }
@@ -64,7 +83,9 @@ pub enum StoreError {
 /// A write's precondition on the thread's version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Expect {
+    /// Whatever the version is.
     Any,
+    /// Only if the version is this one (a compare-and-set).
     Exact(u64),
 }
 
@@ -176,6 +197,7 @@ pub struct Appended {
 /// A client's idempotency key plus a fingerprint of the request it came with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IdempotencyKey {
+    /// The client's key.
     pub key: String,
     /// Hex SHA-256 of the request body: the same key with another body is rejected.
     pub fingerprint: String,
@@ -202,6 +224,7 @@ pub struct Write {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", content = "body", rename_all = "snake_case")]
 pub enum Change {
+    /// A delta was appended.
     Delta(ChangeSet),
     /// A full replace; the body is the thread as saved (custom metadata only).
     Replace(Thread),
@@ -261,18 +284,26 @@ impl ListOrderBy {
 /// key is 0 for id order). The next page starts strictly after it in the listing's order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListCursor {
+    /// The sort key's value (`created_at`/`updated_at` in unix ms; 0 when ordering by id).
     pub key: i64,
+    /// The thread id (the tie-breaker).
     pub id: ThreadId,
 }
 
+/// Which threads a listing returns, in which order, from where.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ListQuery {
+    /// Only threads of this owner.
     pub resource_id: Option<String>,
+    /// Only sub-threads of this thread.
     pub parent_thread_id: Option<String>,
+    /// What the page is sorted by.
     pub order_by: ListOrderBy,
+    /// Ascending or descending.
     pub order: Order,
     /// Keyset paging: only threads strictly after this position in the listing's order.
     pub after: Option<ListCursor>,
+    /// At most this many threads.
     pub limit: usize,
 }
 
@@ -297,32 +328,47 @@ impl ListQuery {
     }
 }
 
+/// A thread as a listing shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ThreadSummary {
+    /// The thread's id.
     pub id: String,
+    /// Its owner.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource_id: Option<String>,
+    /// Its parent thread.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_thread_id: Option<String>,
+    /// Its version.
     pub version: u64,
+    /// Unix milliseconds.
     pub created_at: i64,
+    /// Unix milliseconds of the last write the store holds.
     pub updated_at: i64,
+    /// How many messages it has.
     pub message_count: u64,
+    /// Its custom metadata.
     #[schema(value_type = Object)]
     pub metadata: Extra,
 }
 
+/// A page of the thread list.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ListPage {
+    /// The threads, in the order asked for.
     pub threads: Vec<ThreadSummary>,
+    /// More threads follow.
     pub has_more: bool,
 }
 
+/// A sort direction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Order {
+    /// Smallest first.
     #[default]
     Asc,
+    /// Largest first.
     Desc,
 }
 
@@ -340,6 +386,7 @@ pub enum VisibilityFilter {
 }
 
 impl VisibilityFilter {
+    /// Whether a message passes this filter.
     pub fn admits(self, m: &Message) -> bool {
         use crate::model::Visibility;
         match self {
@@ -350,15 +397,20 @@ impl VisibilityFilter {
     }
 }
 
+/// Which messages a page returns.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct MessageQuery {
     /// Exclusive lower cursor bound.
     pub after: Option<u64>,
     /// Exclusive upper cursor bound.
     pub before: Option<u64>,
+    /// At most this many messages.
     pub limit: usize,
+    /// By cursor, ascending or descending.
     pub order: Order,
+    /// Which visibilities pass.
     pub visibility: VisibilityFilter,
+    /// Only messages of this run.
     pub run_id: Option<String>,
 }
 
@@ -372,10 +424,12 @@ impl MessageQuery {
     }
 }
 
+/// A page of messages.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MessagePage {
     /// `(cursor, message)` in the requested order.
     pub messages: Vec<(u64, Message)>,
+    /// More messages follow in this order.
     pub has_more: bool,
     /// The thread version the page reflects.
     pub version: u64,
@@ -384,31 +438,41 @@ pub struct MessagePage {
 /// A run's record, created or updated by each delta that carries `run_meta`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct RunRecord {
+    /// The run's id.
     pub run_id: String,
+    /// The thread it wrote to.
     pub thread_id: String,
+    /// The run that started it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_run_id: Option<String>,
+    /// Its metadata as its last delta reported it.
     pub meta: RunMeta,
     /// The thread version of the last delta that updated this record.
     pub version: u64,
+    /// Unix milliseconds of its first delta.
     pub created_at: i64,
+    /// Unix milliseconds of its last delta.
     pub updated_at: i64,
 }
 
+/// The snapshot store (see the module docs); every backend passes the same conformance suite.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Creates a thread at version 0. `thread.metadata` holds custom keys only.
     async fn create(&self, id: &ThreadId, thread: Thread) -> Result<Snapshot>;
+    /// The thread with the version it reflects.
     async fn get(&self, id: &ThreadId) -> Result<Snapshot>;
     /// The current version alone: cheap, for `If-None-Match` revalidation.
     async fn version(&self, id: &ThreadId) -> Result<u64>;
     /// Which life of the thread id is current.
     async fn incarnation(&self, id: &ThreadId) -> Result<Incarnation>;
+    /// A page of the thread list.
     async fn list(&self, q: &ListQuery) -> Result<ListPage>;
     /// Full replace (messages keep their cursors by position). Returns the new version.
     async fn replace(&self, id: &ThreadId, thread: Thread, expect: Expect) -> Result<u64>;
     /// JSON merge patch of the custom metadata keys (`null` removes a key).
     async fn patch_metadata(&self, id: &ThreadId, patch: Extra, expect: Expect) -> Result<u64>;
+    /// Deletes the thread with everything it has (messages, runs, history, keys).
     async fn delete(&self, id: &ThreadId, expect: Expect) -> Result<()>;
     /// Applies one delta as the next version.
     async fn append(
@@ -443,12 +507,15 @@ pub trait Store: Send + Sync + 'static {
     /// call. A missing thread is `NotFound` (a deleted thread never comes back), and an entry
     /// that fails validation fails the whole batch with nothing changed.
     async fn apply_batch(&self, id: &ThreadId, entries: &[Write]) -> Result<u64>;
+    /// A page of the thread's messages with the version it reflects.
     async fn messages(&self, id: &ThreadId, q: &MessageQuery) -> Result<MessagePage>;
     /// The current state (base state with every patch applied), its version and incarnation.
     async fn state(&self, id: &ThreadId) -> Result<StateAt>;
     /// Writes with versions greater than `after`, oldest first, at most `limit`.
     async fn history(&self, id: &ThreadId, after: u64, limit: usize) -> Result<History>;
+    /// The thread's run records, oldest first.
     async fn runs(&self, id: &ThreadId) -> Result<Vec<RunRecord>>;
+    /// One run record (`RunNotFound` when the thread has no such run).
     async fn run(&self, id: &ThreadId, run_id: &str) -> Result<RunRecord>;
     /// Succeeds when the backend can serve requests (for `/readyz`).
     async fn ping(&self) -> Result<()>;
@@ -456,6 +523,7 @@ pub trait Store: Send + Sync + 'static {
     async fn close(&self) {}
 }
 
+/// The store chosen at start-up.
 pub type DynStore = Arc<dyn Store>;
 
 /// Opens the backend named by a `--store` value: `memory:`, `file:<dir>` or a

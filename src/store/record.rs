@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::{HashSet, VecDeque};
 
+/// One thread's complete record: what the memory and file backends keep per thread.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Record {
     /// The thread (custom metadata only).
@@ -130,6 +131,7 @@ impl Record {
         }
     }
 
+    /// The thread as a listing shows it.
     pub fn summary(&self) -> ThreadSummary {
         ThreadSummary {
             id: self.thread.id.clone(),
@@ -160,6 +162,8 @@ impl Record {
         self.version
     }
 
+    /// Appends a delta as the next version (see [`super::Store::append`]); nothing changes on
+    /// error.
     pub fn append(
         &mut self,
         delta: &ChangeSet,
@@ -296,17 +300,20 @@ impl Record {
         self.bump(Change::Metadata(patch), now)
     }
 
+    /// Replaces the whole thread as the next version (see [`super::Store::replace`]).
     pub fn replace(&mut self, thread: Thread, expect: Expect, now: i64) -> Result<u64> {
         let (thread, state) = self.prepare(thread)?;
         expect.check(self.version)?;
         Ok(self.set_thread(thread, state, now))
     }
 
+    /// Merges metadata keys as the next version (see [`super::Store::patch_metadata`]).
     pub fn patch_metadata(&mut self, patch: Extra, expect: Expect, now: i64) -> Result<u64> {
         expect.check(self.version)?;
         Ok(self.merge_metadata(patch, now))
     }
 
+    /// A page of messages (see [`super::Store::messages`]).
     pub fn messages(&self, q: &MessageQuery) -> MessagePage {
         let all = &self.thread.messages;
         let lo = q
@@ -345,6 +352,7 @@ impl Record {
         }
     }
 
+    /// The kept writes after `after`, at most `limit` (see [`super::Store::history`]).
     pub fn history(&self, after: u64, limit: usize) -> History {
         History {
             entries: self
