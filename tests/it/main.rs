@@ -20,4 +20,5 @@ mod pg;
 mod proxy;
 mod store_conformance;
 mod support;
+mod unicode_ids;
 mod viewer;

@@ -30,3 +30,5 @@ where
         }
     }
 }
+
+pub mod sse;
