@@ -6,7 +6,6 @@
 //! this process can (buffered mode; whatever is left is folded by the next start-up's
 //! recovery); wait for background tasks; close the store's connections.
 
-use crate::buffer::log::LogConfig;
 use crate::buffer::{BufferConfig, Buffered};
 use crate::config::{Config, LogFormat};
 use crate::http::{AppState, router};
@@ -54,9 +53,15 @@ impl Running {
     }
 }
 
+/// A start-up failure that waiting cannot cure (a refused credential, a certificate that does
+/// not verify, a backend configured unlike the flags): [`retry_startup`] reports it at once.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Permanent(pub String);
+
 /// Retries `connect` with back-off until it succeeds or `budget` has passed, logging each
 /// failure: a backend that is briefly unreachable at start-up (a database still starting
-/// next to the gateway) must not stop it.
+/// next to the gateway) must not stop it. A [`Permanent`] error ends the retries at once.
 pub async fn retry_startup<T, F, Fut>(
     what: &str,
     budget: Duration,
@@ -72,6 +77,7 @@ where
         let attempt = tokio::time::timeout_at(deadline, connect()).await;
         match attempt {
             Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) if e.is::<Permanent>() => return Err(e),
             Ok(Err(e)) if Instant::now() + delay < deadline => {
                 tracing::warn!(error = %e, retry_in = ?delay, "{what} is not reachable yet; retrying");
             }
@@ -116,11 +122,7 @@ async fn assemble(
     let parts = match &config.nats_url {
         Some(url) => {
             let buffer = BufferConfig {
-                log: LogConfig {
-                    url: url.clone(),
-                    prefix: config.nats_prefix.clone(),
-                    startup_timeout: config.startup_timeout,
-                },
+                log: config.log_config(url),
                 fold_idle: config.fold_idle,
                 head_cache_bytes: config.head_cache as u64,
                 keep_folded: config.keep_folded,
@@ -200,7 +202,12 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         let _ = tokio::time::timeout(Duration::from_secs(2), store.close()).await;
         served
     });
-    tracing::info!(%addr, store = %redact(&config.store), "threadgate listening");
+    let nats = config
+        .nats_url
+        .as_deref()
+        .map(crate::buffer::log::redacted)
+        .unwrap_or_default();
+    tracing::info!(%addr, store = %redact(&config.store), %nats, "threadgate listening");
     Ok(Running {
         addr,
         shutdown,

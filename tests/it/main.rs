@@ -14,6 +14,7 @@ mod http_api;
 mod incarnation;
 mod limits;
 mod live;
+mod nats_connect;
 mod openapi;
 mod outage;
 mod pg;

@@ -31,4 +31,6 @@ where
     }
 }
 
+pub mod nats_jwt;
 pub mod sse;
+pub mod tls;
