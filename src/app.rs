@@ -59,6 +59,27 @@ impl Running {
 #[error("{0}")]
 pub struct Permanent(pub String);
 
+/// Whether `e` (or what caused it) is a TLS failure: an error of rustls wrapped in an I/O
+/// error (a certificate that does not verify, an alert from the server).
+pub fn tls_refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<rustls::Error>() {
+            return true;
+        }
+        // `io::Error::source` skips the error it wraps: look at it directly.
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<rustls::Error>())
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
 /// Retries `connect` with back-off until it succeeds or `budget` has passed, logging each
 /// failure: a backend that is briefly unreachable at start-up (a database still starting
 /// next to the gateway) must not stop it. A [`Permanent`] error ends the retries at once.

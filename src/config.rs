@@ -335,6 +335,62 @@ mod tests {
     }
 
     #[test]
+    fn nats_credentials_come_from_one_source() {
+        let parse = |args: &[&str]| {
+            Config::try_parse_from(
+                ["threadgate", "--nats-url", "nats://x:4222"]
+                    .iter()
+                    .chain(args),
+            )
+        };
+        assert!(parse(&["--nats-creds", "a", "--nats-token", "t"]).is_err());
+        assert!(
+            parse(&[
+                "--nats-nkey",
+                "a",
+                "--nats-user",
+                "u",
+                "--nats-password",
+                "p"
+            ])
+            .is_err()
+        );
+        assert!(
+            parse(&["--nats-user", "u"]).is_err(),
+            "a user needs a password"
+        );
+        assert!(
+            parse(&["--nats-tls-cert", "c"]).is_err(),
+            "a certificate needs its key"
+        );
+        assert!(parse(&["--nats-replicas", "0"]).is_err());
+        assert!(parse(&["--nats-replicas", "6"]).is_err());
+        let c = parse(&[
+            "--nats-user",
+            "u",
+            "--nats-password",
+            "p",
+            "--nats-replicas",
+            "3",
+        ])
+        .unwrap();
+        let log = c.log_config("nats://x:4222");
+        assert_eq!(log.replicas, 3);
+        assert_eq!(
+            log.auth,
+            crate::buffer::log::NatsAuth::UserPassword {
+                user: "u".into(),
+                password: Secret::new("p")
+            }
+        );
+        assert!(
+            !format!("{c:?}").contains("\"p\""),
+            "the password stays out of Debug"
+        );
+        assert_eq!(Config::parse_from(["threadgate"]).nats_replicas, 1);
+    }
+
+    #[test]
     fn connection_limits_are_validated() {
         assert!(Config::try_parse_from(["threadgate", "--idle-timeout", "0s"]).is_err());
         assert!(Config::try_parse_from(["threadgate", "--max-connections", "0"]).is_err());

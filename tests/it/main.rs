@@ -18,6 +18,7 @@ mod nats_connect;
 mod openapi;
 mod outage;
 mod pg;
+mod pg_tls;
 mod proxy;
 mod store_conformance;
 mod support;

@@ -270,7 +270,7 @@ pub(super) async fn connect(config: &LogConfig) -> anyhow::Result<async_nats::Cl
                 }
                 ConnectErrorKind::ServerParse => "--nats-url is not a NATS URL",
                 // A refused certificate surfaces as an I/O error carrying rustls's error.
-                _ if tls_refused(&e) => {
+                _ if crate::app::tls_refused(&e) => {
                     "TLS with NATS failed (certificate not trusted, wrong host name, or a \
                      client certificate the server refused): check --nats-tls-ca, \
                      --nats-tls-cert and --nats-tls-key"
@@ -281,27 +281,6 @@ pub(super) async fn connect(config: &LogConfig) -> anyhow::Result<async_nats::Cl
         })
     })
     .await
-}
-
-/// Whether `e` (or what caused it) is a TLS failure: an error of rustls wrapped in an I/O
-/// error (a certificate that does not verify, an alert from the server).
-fn tls_refused(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if err.is::<rustls::Error>() {
-            return true;
-        }
-        // `io::Error::source` skips the error it wraps: look at it directly.
-        if let Some(io) = err.downcast_ref::<std::io::Error>()
-            && io
-                .get_ref()
-                .is_some_and(|inner| inner.is::<rustls::Error>())
-        {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
 }
 
 /// The settings of a stream threadgate creates.
@@ -440,4 +419,45 @@ pub(super) async fn ensure_stream(
         )));
     }
     Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeds_take_credentials_out_of_urls() {
+        let s =
+            parse_seeds("nats://al%40ice:p%3Aw@n1:4222, nats://al%40ice:p%3Aw@n2:4223").unwrap();
+        assert_eq!(s.addrs.len(), 2);
+        assert_eq!(
+            s.auth,
+            NatsAuth::UserPassword {
+                user: "al@ice".into(),
+                password: Secret::new("p:w")
+            }
+        );
+        assert_eq!(s.addrs[1].host(), "n2");
+        assert_eq!(s.addrs[1].port(), 4223);
+        let s = parse_seeds("tls://tok@n1:4222").unwrap();
+        assert_eq!(s.auth, NatsAuth::Token(Secret::new("tok")));
+        assert!(s.addrs[0].tls_required());
+        assert_eq!(parse_seeds("n1:4222").unwrap().auth, NatsAuth::None);
+        assert!(parse_seeds("nats://a:b@n1:1,nats://c:d@n2:1").is_err());
+        assert!(parse_seeds(" , ").is_err());
+        let shown = redacted("nats://u:secret@n1:4222,nats://u:secret@n2:4222");
+        assert_eq!(shown, "nats://n1:4222,nats://n2:4222");
+    }
+
+    #[test]
+    fn differences_name_each_setting() {
+        let want = stream_config("p_log".into(), "p.log.>".into(), 3, true);
+        assert!(differences(&want, &want).is_empty());
+        let mut have = want.clone();
+        have.num_replicas = 1;
+        have.max_age = std::time::Duration::from_secs(60);
+        let d = differences(&have, &want);
+        assert_eq!(d.len(), 2, "{d:?}");
+        assert!(d[0].starts_with("replicas: 1 (wanted 3)"), "{d:?}");
+    }
 }

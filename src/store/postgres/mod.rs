@@ -128,7 +128,7 @@ impl PostgresStore {
         // is session-level, so a failed run must not hand a still-locked session to the pool.
         let mut conn = PgConnection::connect_with(&connect)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL: {e}"))?;
+            .map_err(connect_error)?;
         MIGRATOR
             .run(&mut conn)
             .await
@@ -139,8 +139,40 @@ impl PostgresStore {
             .acquire_timeout(opts.acquire_timeout)
             .connect_with(connect)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL: {e}"))?;
+            .map_err(connect_error)?;
         Ok(PostgresStore { pool })
+    }
+}
+
+/// A failed connect as a start-up error: one that waiting cannot cure (TLS refused, a
+/// credential or `pg_hba.conf` refusal, a missing database, bad settings) is
+/// [`crate::app::Permanent`], so start-up reports it at once instead of retrying.
+fn connect_error(e: sqlx::Error) -> anyhow::Error {
+    let why = match &e {
+        // rustls's refusal arrives as an I/O error carrying it.
+        sqlx::Error::Io(io) if crate::app::tls_refused(io) => Some(
+            "TLS with PostgreSQL failed (with sslmode=verify-ca or verify-full: the server's \
+             certificate must be signed by a CA in sslrootcert or the public roots, and with \
+             verify-full name the host of the URL)",
+        ),
+        sqlx::Error::Tls(_) => Some(
+            "TLS with PostgreSQL failed (with sslmode=verify-ca or verify-full: the server's \
+             certificate must be signed by a CA in sslrootcert or the public roots, and with \
+             verify-full name the host of the URL)",
+        ),
+        sqlx::Error::Database(d) => match d.code().as_deref() {
+            // invalid_password, invalid_authorization_specification (pg_hba.conf)
+            Some("28P01" | "28000") => Some("PostgreSQL refused the connection"),
+            // invalid_catalog_name
+            Some("3D000") => Some("the database does not exist"),
+            _ => None,
+        },
+        sqlx::Error::Configuration(_) => Some("invalid PostgreSQL connection settings"),
+        _ => None,
+    };
+    match why {
+        Some(why) => anyhow::Error::new(crate::app::Permanent(format!("{why}: {e}"))),
+        None => anyhow::anyhow!("cannot connect to PostgreSQL: {e}"),
     }
 }
 

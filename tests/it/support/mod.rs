@@ -32,5 +32,6 @@ where
 }
 
 pub mod nats_jwt;
+pub mod pg_cluster;
 pub mod sse;
 pub mod tls;
