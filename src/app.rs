@@ -134,6 +134,8 @@ async fn assemble(
         acquire_timeout: config.pg_acquire_timeout,
         statement_timeout: config.pg_statement_timeout,
         startup_timeout: config.startup_timeout,
+        // Direct mode announces writes to the other replicas; buffered mode has the log.
+        notify: config.nats_url.is_none(),
     };
     let store = crate::store::open(&config.store, &pg).await?;
     let live = LiveConfig {
@@ -161,6 +163,9 @@ async fn assemble(
             }
         }
         None => {
+            if let Some(changes) = store.changes() {
+                changes.register(registry);
+            }
             let source: Arc<dyn LiveSource> = Arc::new(StoreSource::new(store.clone()));
             let hub = Hub::new(source, shutdown.clone(), tasks.clone(), live);
             let writes = Arc::new(DirectWrites::new(store.clone(), hub.clone()));

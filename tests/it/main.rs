@@ -7,6 +7,7 @@ mod connections;
 mod cookbook;
 mod crash;
 mod deadlines;
+mod direct_replicas;
 mod file_store;
 mod harness;
 mod history;
