@@ -366,6 +366,57 @@ impl NatsServer {
     }
 }
 
+/// A JetStream cluster of nats-servers of a test's own, joined by routes on loopback; each
+/// node can be killed and restarted on its port and store directory.
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `n` nodes named `n1`, `n2`, ... in cluster `tg`.
+    pub async fn start(n: usize) -> NatsCluster {
+        let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let routes = cluster_ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut nodes = Vec::new();
+        for (i, cport) in cluster_ports.iter().enumerate() {
+            let args = vec![
+                "--name".into(),
+                format!("n{}", i + 1),
+                "--cluster_name".into(),
+                "tg".into(),
+                "--cluster".into(),
+                format!("nats://127.0.0.1:{cport}"),
+                "--routes".into(),
+                routes.clone(),
+            ];
+            nodes.push(NatsServer::unstarted(args));
+        }
+        for node in &mut nodes {
+            node.restart().await;
+        }
+        NatsCluster { nodes }
+    }
+
+    /// Every node's URL, comma-separated (the gateway's seed list).
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The node named `name` (`n1`, ...).
+    pub fn node(&mut self, name: &str) -> &mut NatsServer {
+        let i: usize = name.trim_start_matches('n').parse().expect("a node name");
+        &mut self.nodes[i - 1]
+    }
+}
+
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();

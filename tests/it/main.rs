@@ -3,6 +3,7 @@
 
 mod buffered;
 mod cancellation;
+mod cluster;
 mod connections;
 mod cookbook;
 mod crash;
