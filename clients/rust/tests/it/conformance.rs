@@ -746,6 +746,12 @@ async fn gateway_rules_map_onto_tirea_errors() {
             "load {bad:?}: {e:?}"
         );
     }
+    // Any other Unicode text is an id, and reaches the gateway intact.
+    for good in ["café ✓", "ana@example.com", "会话 7"] {
+        store.create(&thread(good, None)).await.unwrap();
+        let loaded = store.load(good).await.unwrap().expect("created");
+        assert_eq!(loaded.thread.id, good);
+    }
     store.create(&thread("x", None)).await.unwrap();
     // `count` is a number: appending to it is not a valid patch, and changes nothing.
     let mut bad = delta("r", CheckpointReason::AssistantTurnCommitted, vec![]);
