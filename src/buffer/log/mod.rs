@@ -128,7 +128,7 @@ async fn timed<T, E: std::fmt::Display>(
 impl Log {
     /// Connects (retrying an unreachable server for `startup_timeout`) and creates the log
     /// and dead-letter streams if they do not exist; an existing stream with other settings
-    /// (replicas included) is a start-up error naming each difference. See [`connect`] for
+    /// (replicas included) is a start-up error naming each difference. See `connect.rs` for
     /// credentials, TLS, reconnects and the client's buffers.
     pub async fn connect(config: &LogConfig) -> anyhow::Result<Log> {
         anyhow::ensure!(

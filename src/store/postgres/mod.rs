@@ -409,7 +409,7 @@ impl Store for PostgresStore {
         Ok(())
     }
 
-    /// Every replica's writes, from `LISTEN` (see [`notify`]); the listener starts with the
+    /// Every replica's writes, from `LISTEN` (see `notify.rs`); the listener starts with the
     /// first call and ends at [`Store::close`].
     fn changes(&self) -> Option<Arc<Changes>> {
         let changes = self.changes.get_or_init(|| {
