@@ -110,6 +110,19 @@ async fn a_stream_on_one_replica_carries_the_other_replicas_writes() {
 
     b.stop().await;
     a.stop().await;
+    // Shutdown ended the listener with the pool: no session of either replica is left.
+    let admin = sqlx::PgPool::connect(&crate::pg::base_url()).await.unwrap();
+    crate::support::eventually(WAIT, || async {
+        let left: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name IN ('tg-a', 'tg-b')",
+        )
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+        left == 0
+    })
+    .await;
+    admin.close().await;
     drop(schema);
 }
 
