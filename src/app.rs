@@ -6,7 +6,6 @@
 //! this process can (buffered mode; whatever is left is folded by the next start-up's
 //! recovery); wait for background tasks; close the store's connections.
 
-use crate::buffer::log::LogConfig;
 use crate::buffer::{BufferConfig, Buffered};
 use crate::config::{Config, LogFormat};
 use crate::http::{AppState, router};
@@ -54,9 +53,36 @@ impl Running {
     }
 }
 
+/// A start-up failure that waiting cannot cure (a refused credential, a certificate that does
+/// not verify, a backend configured unlike the flags): [`retry_startup`] reports it at once.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Permanent(pub String);
+
+/// Whether `e` (or what caused it) is a TLS failure: an error of rustls wrapped in an I/O
+/// error (a certificate that does not verify, an alert from the server).
+pub fn tls_refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<rustls::Error>() {
+            return true;
+        }
+        // `io::Error::source` skips the error it wraps: look at it directly.
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<rustls::Error>())
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
 /// Retries `connect` with back-off until it succeeds or `budget` has passed, logging each
 /// failure: a backend that is briefly unreachable at start-up (a database still starting
-/// next to the gateway) must not stop it.
+/// next to the gateway) must not stop it. A [`Permanent`] error ends the retries at once.
 pub async fn retry_startup<T, F, Fut>(
     what: &str,
     budget: Duration,
@@ -72,6 +98,7 @@ where
         let attempt = tokio::time::timeout_at(deadline, connect()).await;
         match attempt {
             Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) if e.is::<Permanent>() => return Err(e),
             Ok(Err(e)) if Instant::now() + delay < deadline => {
                 tracing::warn!(error = %e, retry_in = ?delay, "{what} is not reachable yet; retrying");
             }
@@ -107,6 +134,8 @@ async fn assemble(
         acquire_timeout: config.pg_acquire_timeout,
         statement_timeout: config.pg_statement_timeout,
         startup_timeout: config.startup_timeout,
+        // Direct mode announces writes to the other replicas; buffered mode has the log.
+        notify: config.nats_url.is_none(),
     };
     let store = crate::store::open(&config.store, &pg).await?;
     let live = LiveConfig {
@@ -116,11 +145,7 @@ async fn assemble(
     let parts = match &config.nats_url {
         Some(url) => {
             let buffer = BufferConfig {
-                log: LogConfig {
-                    url: url.clone(),
-                    prefix: config.nats_prefix.clone(),
-                    startup_timeout: config.startup_timeout,
-                },
+                log: config.log_config(url),
                 fold_idle: config.fold_idle,
                 head_cache_bytes: config.head_cache as u64,
                 keep_folded: config.keep_folded,
@@ -138,6 +163,9 @@ async fn assemble(
             }
         }
         None => {
+            if let Some(changes) = store.changes() {
+                changes.register(registry);
+            }
             let source: Arc<dyn LiveSource> = Arc::new(StoreSource::new(store.clone()));
             let hub = Hub::new(source, shutdown.clone(), tasks.clone(), live);
             let writes = Arc::new(DirectWrites::new(store.clone(), hub.clone()));
@@ -200,7 +228,12 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         let _ = tokio::time::timeout(Duration::from_secs(2), store.close()).await;
         served
     });
-    tracing::info!(%addr, store = %redact(&config.store), "threadgate listening");
+    let nats = config
+        .nats_url
+        .as_deref()
+        .map(crate::buffer::log::redacted)
+        .unwrap_or_default();
+    tracing::info!(%addr, store = %redact(&config.store), %nats, "threadgate listening");
     Ok(Running {
         addr,
         shutdown,

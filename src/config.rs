@@ -25,10 +25,73 @@ pub struct Config {
     #[arg(long, env = "THREADGATE_MAX_BODY", default_value = "4MiB", value_parser = parse_size)]
     pub max_body: usize,
 
-    /// NATS server URL. When set, writes are buffered in JetStream and folded into the store
-    /// at run end, on flush, when idle, at start-up and at shutdown (buffered mode).
+    /// NATS server URL, or several comma-separated seed URLs of one cluster
+    /// (`nats://n1:4222,nats://n2:4222`; `tls://` requires TLS). When set, writes are buffered
+    /// in JetStream and folded into the store at run end, on flush, when idle, at start-up and
+    /// at shutdown (buffered mode). A URL may carry `user:password@` or a `token@`.
     #[arg(long, env = "THREADGATE_NATS_URL")]
     pub nats_url: Option<String>,
+
+    /// Replicas of the JetStream streams threadgate creates (1 for a single server, 3 in a
+    /// three-node cluster). An existing stream with other settings is reported at start-up and
+    /// left alone, never recreated.
+    #[arg(long, env = "THREADGATE_NATS_REPLICAS", default_value_t = 1,
+        value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub nats_replicas: u8,
+
+    /// NATS credentials file (a user JWT and its nkey seed, as `nsc` writes them).
+    #[arg(long, env = "THREADGATE_NATS_CREDS", value_name = "FILE",
+        conflicts_with_all = ["nats_nkey", "nats_user", "nats_token"])]
+    pub nats_creds: Option<std::path::PathBuf>,
+
+    /// File holding an nkey seed (`SU...`) to authenticate to NATS with.
+    #[arg(long, env = "THREADGATE_NATS_NKEY", value_name = "FILE",
+        conflicts_with_all = ["nats_user", "nats_token"])]
+    pub nats_nkey: Option<std::path::PathBuf>,
+
+    /// NATS user name (with `--nats-password`); or put `user:password@` in the URL.
+    #[arg(
+        long,
+        env = "THREADGATE_NATS_USER",
+        requires = "nats_password",
+        conflicts_with = "nats_token"
+    )]
+    pub nats_user: Option<String>,
+
+    /// NATS password (prefer the environment variable: flags show in `ps`).
+    #[arg(
+        long,
+        env = "THREADGATE_NATS_PASSWORD",
+        requires = "nats_user",
+        hide_env_values = true
+    )]
+    pub nats_password: Option<Secret>,
+
+    /// NATS authentication token (prefer the environment variable); or put `token@` in the URL.
+    #[arg(long, env = "THREADGATE_NATS_TOKEN", hide_env_values = true)]
+    pub nats_token: Option<Secret>,
+
+    /// PEM file of the CA(s) that sign the NATS servers' certificates; requires TLS.
+    #[arg(long, env = "THREADGATE_NATS_TLS_CA", value_name = "FILE")]
+    pub nats_tls_ca: Option<std::path::PathBuf>,
+
+    /// PEM client certificate for NATS servers that verify clients (with `--nats-tls-key`).
+    #[arg(
+        long,
+        env = "THREADGATE_NATS_TLS_CERT",
+        value_name = "FILE",
+        requires = "nats_tls_key"
+    )]
+    pub nats_tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of `--nats-tls-cert`.
+    #[arg(
+        long,
+        env = "THREADGATE_NATS_TLS_KEY",
+        value_name = "FILE",
+        requires = "nats_tls_cert"
+    )]
+    pub nats_tls_key: Option<std::path::PathBuf>,
 
     /// Namespace for the JetStream streams and subjects (`[A-Za-z0-9_-]+`), so several
     /// deployments or test runs can share one NATS.
@@ -119,6 +182,35 @@ pub struct Config {
     pub command: Option<Command>,
 }
 
+/// A password or token: kept out of `Debug` output (and so out of logs).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+
+    /// The secret itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -152,6 +244,36 @@ pub fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
 }
 
 impl Config {
+    /// How buffered mode reaches NATS at `url`.
+    pub fn log_config(&self, url: &str) -> crate::buffer::log::LogConfig {
+        use crate::buffer::log::{NatsAuth, NatsTls};
+        let auth = if let Some(creds) = &self.nats_creds {
+            NatsAuth::Creds(creds.clone())
+        } else if let Some(nkey) = &self.nats_nkey {
+            NatsAuth::Nkey(nkey.clone())
+        } else if let (Some(user), Some(password)) = (&self.nats_user, &self.nats_password) {
+            NatsAuth::UserPassword {
+                user: user.clone(),
+                password: password.clone(),
+            }
+        } else if let Some(token) = &self.nats_token {
+            NatsAuth::Token(token.clone())
+        } else {
+            NatsAuth::None
+        };
+        crate::buffer::log::LogConfig {
+            url: url.to_owned(),
+            prefix: self.nats_prefix.clone(),
+            startup_timeout: self.startup_timeout,
+            replicas: self.nats_replicas as usize,
+            auth,
+            tls: NatsTls {
+                ca: self.nats_tls_ca.clone(),
+                client: self.nats_tls_cert.clone().zip(self.nats_tls_key.clone()),
+            },
+        }
+    }
+
     /// The connection bounds the server loop enforces.
     pub fn serve_limits(&self) -> crate::http::serve::ServeLimits {
         crate::http::serve::ServeLimits {
@@ -210,6 +332,62 @@ mod tests {
         assert_eq!(c.header_read_timeout, std::time::Duration::from_secs(10));
         assert_eq!(c.idle_timeout, std::time::Duration::from_secs(75));
         assert_eq!(c.max_connections, 1024);
+    }
+
+    #[test]
+    fn nats_credentials_come_from_one_source() {
+        let parse = |args: &[&str]| {
+            Config::try_parse_from(
+                ["threadgate", "--nats-url", "nats://x:4222"]
+                    .iter()
+                    .chain(args),
+            )
+        };
+        assert!(parse(&["--nats-creds", "a", "--nats-token", "t"]).is_err());
+        assert!(
+            parse(&[
+                "--nats-nkey",
+                "a",
+                "--nats-user",
+                "u",
+                "--nats-password",
+                "p"
+            ])
+            .is_err()
+        );
+        assert!(
+            parse(&["--nats-user", "u"]).is_err(),
+            "a user needs a password"
+        );
+        assert!(
+            parse(&["--nats-tls-cert", "c"]).is_err(),
+            "a certificate needs its key"
+        );
+        assert!(parse(&["--nats-replicas", "0"]).is_err());
+        assert!(parse(&["--nats-replicas", "6"]).is_err());
+        let c = parse(&[
+            "--nats-user",
+            "u",
+            "--nats-password",
+            "p",
+            "--nats-replicas",
+            "3",
+        ])
+        .unwrap();
+        let log = c.log_config("nats://x:4222");
+        assert_eq!(log.replicas, 3);
+        assert_eq!(
+            log.auth,
+            crate::buffer::log::NatsAuth::UserPassword {
+                user: "u".into(),
+                password: Secret::new("p")
+            }
+        );
+        assert!(
+            !format!("{c:?}").contains("\"p\""),
+            "the password stays out of Debug"
+        );
+        assert_eq!(Config::parse_from(["threadgate"]).nats_replicas, 1);
     }
 
     #[test]

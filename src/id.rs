@@ -1,22 +1,32 @@
 //! Thread ids: one rule, parsed once at the boundary, enforced by every backend.
 //!
-//! A valid id is 1 to [`MAX_ID_LEN`] characters, each a visible ASCII character other than
-//! `/`, `\`, `?`, `#` and `%`, and not `.` or `..`. So `user.42`, `a*b` and `x>y` are valid;
-//! `has space`, `../etc`, the empty string and 300 characters are not. Valid ids may still
-//! hold characters that are special to file systems or NATS subjects; backends never use the
-//! id raw there but its [`ThreadId::encoded`] form, which is injective and uses only
-//! `[A-Za-z0-9_-]`, so no id can name another thread's file or subject.
+//! A valid id is any Unicode text of 1 to [`MAX_ID_LEN`] bytes in UTF-8 without control
+//! characters (U+0000 to U+001F and U+007F to U+009F) and without `/`, `\`, `?`, `#` or `%`,
+//! and is not `.` or `..`. So `user.42`, `café-1`, `ana@example.com`, `a b` and `会话 7` are
+//! valid; `../etc`, `a/b`, `tab\there`, `50%`, the empty string and 129 bytes are not. The
+//! excluded characters are the ones that change a URL's meaning even when a client forgets to
+//! percent-encode them (`/ ? #`), that start an escape (`%`), that some servers and proxies
+//! treat as a path separator (`\`), or that cannot be stored or logged safely (controls).
+//!
+//! Ids are compared byte by byte, with no Unicode normalisation: `café` written with `é`
+//! (U+00E9) and with `e` plus U+0301 are two different ids. Listing orders by those bytes too,
+//! in every store (PostgreSQL keeps ids with the `"C"` collation, which compares bytes).
+//!
+//! Valid ids may still hold characters that are special to file systems or NATS subjects;
+//! backends never use the id raw there but its [`ThreadId::encoded`] form, which is injective
+//! and uses only `[A-Za-z0-9_-]`, so no id can name another thread's file or subject. In URLs
+//! an id is one percent-encoded path segment (its UTF-8 bytes).
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-/// Longest accepted id, in bytes; its encoded form (4/3 as long plus a prefix) still fits a
-/// 255-byte file name.
+/// Longest accepted id, in bytes of UTF-8 (not characters); its encoded form (4/3 as long plus
+/// a prefix) still fits a 255-byte file name.
 pub const MAX_ID_LEN: usize = 128;
 
-/// A valid thread id (see the module docs for the rule).
+/// A valid thread id (see the module docs); ordered by its UTF-8 bytes.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(transparent)]
 pub struct ThreadId(String);
@@ -27,30 +37,32 @@ pub enum InvalidId {
     /// The empty string.
     #[error("must not be empty")]
     Empty,
-    /// Longer than [`MAX_ID_LEN`] bytes.
-    #[error("must be at most {MAX_ID_LEN} characters, got {0}")]
+    /// More than [`MAX_ID_LEN`] bytes (the count in bytes).
+    #[error("must be at most {MAX_ID_LEN} bytes in UTF-8, got {0}")]
     TooLong(usize),
-    /// A character the rule refuses.
-    #[error("character {0:?} is not allowed (visible ASCII except / \\ ? # %)")]
+    /// A character the rule excludes.
+    #[error("character {0:?} is not allowed (no control characters, no / \\ ? # %)")]
     BadChar(char),
     /// `.` or `..`.
     #[error("must not be `.` or `..`")]
     Dots,
 }
 
+/// Whether `c` may appear in an id (see the module docs).
+pub fn allowed_char(c: char) -> bool {
+    !c.is_control() && !matches!(c, '/' | '\\' | '?' | '#' | '%')
+}
+
 impl ThreadId {
-    /// Checks the rule and wraps the id.
+    /// Checks `s` against the id rule.
     pub fn parse(s: &str) -> Result<Self, InvalidId> {
         if s.is_empty() {
             return Err(InvalidId::Empty);
         }
         if s.len() > MAX_ID_LEN {
-            return Err(InvalidId::TooLong(s.chars().count()));
+            return Err(InvalidId::TooLong(s.len()));
         }
-        if let Some(c) = s
-            .chars()
-            .find(|c| !c.is_ascii_graphic() || matches!(c, '/' | '\\' | '?' | '#' | '%'))
-        {
+        if let Some(c) = s.chars().find(|c| !allowed_char(*c)) {
             return Err(InvalidId::BadChar(c));
         }
         if s == "." || s == ".." {
@@ -105,19 +117,60 @@ mod tests {
             "a*b",
             "x>y",
             "t-1_2:3@4~5",
+            "café-1",
+            "ana@example.com",
+            "a b",
+            " leading",
+            "会话 7",
+            "🚀",
+            "...",
+            "\u{a0}",
+            "\u{200b}",
             &"a".repeat(MAX_ID_LEN),
+            &"é".repeat(MAX_ID_LEN / 2),
         ] {
-            assert!(ThreadId::parse(ok).is_ok(), "{ok} should be valid");
+            assert!(ThreadId::parse(ok).is_ok(), "{ok:?} should be valid");
         }
         assert_eq!(ThreadId::parse(""), Err(InvalidId::Empty));
-        assert_eq!(ThreadId::parse("has space"), Err(InvalidId::BadChar(' ')));
+        assert_eq!(ThreadId::parse("tab\there"), Err(InvalidId::BadChar('\t')));
+        assert_eq!(ThreadId::parse("nul\0"), Err(InvalidId::BadChar('\0')));
+        assert_eq!(
+            ThreadId::parse("del\u{7f}"),
+            Err(InvalidId::BadChar('\u{7f}'))
+        );
+        assert_eq!(
+            ThreadId::parse("c1\u{85}"),
+            Err(InvalidId::BadChar('\u{85}'))
+        );
         assert_eq!(ThreadId::parse("../etc"), Err(InvalidId::BadChar('/')));
+        for c in ['/', '\\', '?', '#', '%'] {
+            assert_eq!(
+                ThreadId::parse(&format!("a{c}b")),
+                Err(InvalidId::BadChar(c))
+            );
+        }
+        assert_eq!(ThreadId::parse("."), Err(InvalidId::Dots));
         assert_eq!(ThreadId::parse(".."), Err(InvalidId::Dots));
         assert_eq!(
             ThreadId::parse(&"a".repeat(300)),
             Err(InvalidId::TooLong(300))
         );
-        assert_eq!(ThreadId::parse("é"), Err(InvalidId::BadChar('é')));
+        // The bound is in bytes: 65 two-byte characters are 130 bytes.
+        assert_eq!(
+            ThreadId::parse(&"é".repeat(MAX_ID_LEN / 2 + 1)),
+            Err(InvalidId::TooLong(MAX_ID_LEN + 2))
+        );
+    }
+
+    #[test]
+    fn order_is_by_utf8_bytes() {
+        let mut ids: Vec<ThreadId> = ["z", "é", "a", "\u{ffff}", "🚀", "Z", "ä"]
+            .into_iter()
+            .map(|s| ThreadId::parse(s).unwrap())
+            .collect();
+        ids.sort();
+        let bytes: Vec<&[u8]> = ids.iter().map(|i| i.as_str().as_bytes()).collect();
+        assert!(bytes.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
     }
 
     #[test]
@@ -129,7 +182,11 @@ mod tests {
             "ab",
             "a_b",
             "A-b",
+            "café",
+            "cafe\u{301}",
+            "🚀 x",
             &"~".repeat(MAX_ID_LEN),
+            &"é".repeat(MAX_ID_LEN / 2),
         ];
         let mut seen = std::collections::HashSet::new();
         for id in ids {

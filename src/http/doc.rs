@@ -10,21 +10,24 @@ use utoipa::IntoParams;
 use utoipa::openapi::path::Operation;
 use utoipa::openapi::{ContentBuilder, OpenApi, Ref, ResponseBuilder};
 
-/// The `{id}` path parameter. Its pattern is the id rule of `crate::id` (1 to 128 visible
-/// ASCII characters other than `/ \ ? # %`, and not `.` or `..`) without look-around, so
-/// every regex dialect (ECMA-262, Python's `re`, Rust's `regex`) reads it alike: some
-/// character is not a dot, or there are at least three dots. `tests/it/openapi.rs` checks the
-/// committed document's patterns against `ThreadId::parse`.
+/// The `{id}` path parameter. Its pattern is the id rule of `crate::id` (no control character
+/// U+0000..U+001F or U+007F..U+009F, none of `/ \ ? # %`, and not `.` or `..`) without
+/// look-around or `\u` escapes, so every regex dialect (ECMA-262 with or without the `u` flag,
+/// Python's `re`, Rust's `regex`) reads it alike: some character is not a dot, or there are at
+/// least three dots. The bound is 128 bytes of UTF-8, which no JSON Schema keyword can say
+/// (`maxLength` counts characters): `maxLength` is 128, exact for ASCII, and the description
+/// states the byte bound. `tests/it/openapi.rs` checks the committed document's patterns
+/// against `ThreadId::parse`.
 #[derive(IntoParams)]
 #[into_params(parameter_in = Path)]
 #[allow(dead_code)] // only its documentation is used; `PathId` parses the value
 pub struct ThreadIdParam {
-    /// Thread id: 1 to 128 visible ASCII characters except `/ \ ? # %`, not `.` or `..`
-    /// (percent-encode it in the URL).
+    /// Thread id: any Unicode text of 1 to 128 bytes in UTF-8 without control characters and
+    /// without `/ \ ? # %`, not `.` or `..` (percent-encode it in the URL).
     #[param(
         min_length = 1,
         max_length = 128,
-        pattern = r#"^(?:[!"$&-.0->@-\[\]-~]*[!"$&-\-0->@-\[\]-~][!"$&-.0->@-\[\]-~]*|\.{3,})$"#
+        pattern = r"^(?:[^\x00-\x1F\x7F-\x9F/\\?#%]*[^\x00-\x1F\x7F-\x9F/\\?#%.][^\x00-\x1F\x7F-\x9F/\\?#%]*|\.{3,})$"
     )]
     pub id: String,
 }
@@ -34,11 +37,12 @@ pub struct ThreadIdParam {
 #[into_params(parameter_in = Path)]
 #[allow(dead_code)]
 pub struct RunPathParams {
-    /// Thread id: 1 to 128 visible ASCII characters except `/ \ ? # %`, not `.` or `..`.
+    /// Thread id: any Unicode text of 1 to 128 bytes in UTF-8 without control characters and
+    /// without `/ \ ? # %`, not `.` or `..` (percent-encode it in the URL).
     #[param(
         min_length = 1,
         max_length = 128,
-        pattern = r#"^(?:[!"$&-.0->@-\[\]-~]*[!"$&-\-0->@-\[\]-~][!"$&-.0->@-\[\]-~]*|\.{3,})$"#
+        pattern = r"^(?:[^\x00-\x1F\x7F-\x9F/\\?#%]*[^\x00-\x1F\x7F-\x9F/\\?#%.][^\x00-\x1F\x7F-\x9F/\\?#%]*|\.{3,})$"
     )]
     pub id: String,
     /// The run id the agent used (`run_id` of its deltas); UTF-8 text.

@@ -51,12 +51,12 @@ impl ThreadView {
 /// Body of `POST /v1/threads`: every field optional.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct CreateThread {
-    /// Client-chosen id (the id rule of the `{id}` path parameter); a UUIDv7 is generated
-    /// when absent.
+    /// Client-chosen id: any Unicode text of 1 to 128 bytes in UTF-8 without control characters
+    /// and without `/ \ ? # %`, not `.` or `..`; a UUIDv7 is generated when absent.
     #[schema(
         min_length = 1,
         max_length = 128,
-        pattern = r#"^(?:[!"$&-.0->@-\[\]-~]*[!"$&-\-0->@-\[\]-~][!"$&-.0->@-\[\]-~]*|\.{3,})$"#
+        pattern = r"^(?:[^\x00-\x1F\x7F-\x9F/\\?#%]*[^\x00-\x1F\x7F-\x9F/\\?#%.][^\x00-\x1F\x7F-\x9F/\\?#%]*|\.{3,})$"
     )]
     pub id: Option<String>,
     pub resource_id: Option<String>,
@@ -76,11 +76,12 @@ pub struct CreateThread {
 /// Body of `PUT /v1/threads/{id}`: a full tirea `Thread`; `id`, if sent, must match the path.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct ReplaceThread {
-    /// Must equal the id in the path when present.
+    /// Must equal the id in the path when present (1 to 128 bytes in UTF-8, the id rule of
+    /// the path).
     #[schema(
         min_length = 1,
         max_length = 128,
-        pattern = r#"^(?:[!"$&-.0->@-\[\]-~]*[!"$&-\-0->@-\[\]-~][!"$&-.0->@-\[\]-~]*|\.{3,})$"#
+        pattern = r"^(?:[^\x00-\x1F\x7F-\x9F/\\?#%]*[^\x00-\x1F\x7F-\x9F/\\?#%.][^\x00-\x1F\x7F-\x9F/\\?#%]*|\.{3,})$"
     )]
     pub id: Option<String>,
     pub resource_id: Option<String>,

@@ -8,9 +8,11 @@
 //!
 //! * **One upstream per thread per process** (`topic`): a bounded broadcast channel shared
 //!   by every local subscriber of the thread. Where its writes come from is the
-//!   [`source::LiveSource`] chosen at start-up: in direct mode the write path publishes each
-//!   committed write ([`Hub::publish`]); in buffered mode one task per topic follows the
-//!   thread's JetStream log (only what JetStream stored, in order), plus `flushed` notices.
+//!   [`source::LiveSource`] chosen at start-up: in direct mode on a single-process store the
+//!   write path publishes each committed write ([`Hub::publish`]), and on PostgreSQL one task
+//!   per topic reads the history rows that every replica's commit announcements (`NOTIFY`)
+//!   point to; in buffered mode one task per topic follows the thread's JetStream log (only
+//!   what JetStream stored, in order), plus `flushed` notices.
 //!   No NATS consumer exists per browser.
 //! * **Per subscriber: attach first, then replay, then live** (`subscriber`), de-duplicated
 //!   by version, with catch-ups served from the topic's recent items or, one page at a time,

@@ -6,6 +6,7 @@
 //! write is also kept in a bounded per-thread history so the live stream can replay from the
 //! store. The backend is chosen once at start-up ([`open`]) and used as `Arc<dyn Store>`.
 
+pub mod changes;
 mod file;
 mod memory;
 mod postgres;
@@ -521,6 +522,12 @@ pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> Result<()>;
     /// Releases the backend's connections at shutdown; later calls answer `Unavailable`.
     async fn close(&self) {}
+    /// Announcements of the writes every process sharing this store commits, for the live
+    /// hub in direct mode; `None` for a store only this process writes (memory, file), whose
+    /// writes the write path publishes into the hub itself.
+    fn changes(&self) -> Option<Arc<changes::Changes>> {
+        None
+    }
 }
 
 /// The store chosen at start-up.

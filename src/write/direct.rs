@@ -1,5 +1,8 @@
 //! Direct mode: every write goes straight to the snapshot store, then to this process's live
-//! hub (after the commit, so a stream never shows a write the store could still refuse).
+//! hub (after the commit, so a stream never shows a write the store could still refuse). A
+//! store that other processes share (PostgreSQL) announces every commit to every replica's
+//! hub itself ([`crate::store::Store::changes`]); then nothing is published here, so each
+//! write reaches the hub by one path only.
 
 use super::{AppendOutcome, FoldReport, Result, WritePath};
 use crate::id::ThreadId;
@@ -13,17 +16,21 @@ use std::sync::Arc;
 /// The direct write path.
 pub struct DirectWrites {
     store: DynStore,
-    hub: Arc<Hub>,
+    /// Where committed writes are published; `None` when the store announces them.
+    hub: Option<Arc<Hub>>,
 }
 
 impl DirectWrites {
-    /// Writes to `store` and reports each committed write to `hub`.
+    /// Writes to `store` and reports each committed write to `hub` (unless the store
+    /// announces its commits to every replica's hub itself).
     pub fn new(store: DynStore, hub: Arc<Hub>) -> Self {
+        let hub = store.changes().is_none().then_some(hub);
         DirectWrites { store, hub }
     }
 
     fn committed(&self, id: &ThreadId, version: u64, change: Change) {
-        self.hub.publish(
+        let Some(hub) = &self.hub else { return };
+        hub.publish(
             id,
             &Write {
                 version,
@@ -75,7 +82,9 @@ impl WritePath for DirectWrites {
 
     async fn delete(&self, id: &ThreadId, expect: Expect) -> Result<()> {
         self.store.delete(id, expect).await?;
-        self.hub.publish_deleted(id);
+        if let Some(hub) = &self.hub {
+            hub.publish_deleted(id);
+        }
         Ok(())
     }
 

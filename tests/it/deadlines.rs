@@ -26,6 +26,7 @@ async fn log(url: &str, prefix: &str) -> Log {
         url: url.to_owned(),
         prefix: prefix.to_owned(),
         startup_timeout: Duration::from_secs(5),
+        ..Default::default()
     })
     .await
     .expect("log connects")

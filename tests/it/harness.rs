@@ -276,22 +276,49 @@ pub struct NatsServer {
     pub port: u16,
     dir: TempDir,
     child: Option<std::process::Child>,
+    /// More command-line arguments (a configuration file, cluster routes).
+    args: Vec<String>,
+}
+
+/// A TCP port on 127.0.0.1 that nothing listens on (right now).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl NatsServer {
     pub async fn start() -> NatsServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut s = NatsServer {
-            port,
-            dir: tempfile::tempdir().unwrap(),
-            child: None,
-        };
+        Self::start_args(Vec::new()).await
+    }
+
+    /// Starts with a configuration file holding `conf` (authorization, TLS, ...); the port,
+    /// JetStream and its store directory come from the command line.
+    pub async fn start_conf(conf: &str) -> NatsServer {
+        let mut s = Self::unstarted(Vec::new());
+        let path = s.dir.path().join("server.conf");
+        std::fs::write(&path, conf).unwrap();
+        s.args = vec!["-c".into(), path.display().to_string()];
         s.restart().await;
         s
+    }
+
+    /// Starts with more command-line arguments.
+    pub async fn start_args(args: Vec<String>) -> NatsServer {
+        let mut s = Self::unstarted(args);
+        s.restart().await;
+        s
+    }
+
+    fn unstarted(args: Vec<String>) -> NatsServer {
+        NatsServer {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+            args,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -303,6 +330,7 @@ impl NatsServer {
         let bin = std::env::var("THREADGATE_TEST_NATS_BIN")
             .unwrap_or_else(|_| "/usr/sbin/nats-server".into());
         let child = std::process::Command::new(&bin)
+            .args(&self.args)
             .args([
                 "-a",
                 "127.0.0.1",
@@ -335,6 +363,57 @@ impl NatsServer {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// A JetStream cluster of nats-servers of a test's own, joined by routes on loopback; each
+/// node can be killed and restarted on its port and store directory.
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `n` nodes named `n1`, `n2`, ... in cluster `tg`.
+    pub async fn start(n: usize) -> NatsCluster {
+        let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let routes = cluster_ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut nodes = Vec::new();
+        for (i, cport) in cluster_ports.iter().enumerate() {
+            let args = vec![
+                "--name".into(),
+                format!("n{}", i + 1),
+                "--cluster_name".into(),
+                "tg".into(),
+                "--cluster".into(),
+                format!("nats://127.0.0.1:{cport}"),
+                "--routes".into(),
+                routes.clone(),
+            ];
+            nodes.push(NatsServer::unstarted(args));
+        }
+        for node in &mut nodes {
+            node.restart().await;
+        }
+        NatsCluster { nodes }
+    }
+
+    /// Every node's URL, comma-separated (the gateway's seed list).
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The node named `name` (`n1`, ...).
+    pub fn node(&mut self, name: &str) -> &mut NatsServer {
+        let i: usize = name.trim_start_matches('n').parse().expect("a node name");
+        &mut self.nodes[i - 1]
     }
 }
 

@@ -100,7 +100,7 @@ async fn history_pages_every_kind_of_write(gw: Gateway) {
     expect_problem(res, StatusCode::BAD_REQUEST, "invalid_query").await;
     let res = gw.get("/v1/threads/nope/deltas").await;
     expect_problem(res, StatusCode::NOT_FOUND, "not_found").await;
-    let res = gw.get("/v1/threads/has%20space/deltas").await;
+    let res = gw.get("/v1/threads/tab%09here/deltas").await;
     expect_problem(res, StatusCode::BAD_REQUEST, "invalid_id").await;
     gw.stop().await;
 }

@@ -713,7 +713,19 @@ async fn tricky_ids(gw: Gateway) {
         assert_eq!(res.status(), StatusCode::NO_CONTENT, "delete {id}");
     }
     let long = "x".repeat(300);
-    for bad in ["has space", "../etc", long.as_str(), "", "tab\there", ".."] {
+    // 65 two-byte characters: fewer than 128 characters, but 130 bytes.
+    let long_utf8 = "é".repeat(65);
+    for bad in [
+        "a/b",
+        "../etc",
+        long.as_str(),
+        long_utf8.as_str(),
+        "",
+        "tab\there",
+        "c1\u{85}",
+        "50%",
+        "..",
+    ] {
         let res = gw.post("/v1/threads", &json!({"id": bad})).await;
         let p = expect_problem(res, StatusCode::BAD_REQUEST, "invalid_id").await;
         assert_eq!(p["field"], "id");

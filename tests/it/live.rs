@@ -458,7 +458,7 @@ async fn errors_before_any_event(gw: Gateway) {
         assert_eq!(p["field"], "Last-Event-ID");
     }
     expect_problem(
-        gw.get("/v1/threads/a%20b/events").await,
+        gw.get("/v1/threads/a%09b/events").await,
         StatusCode::BAD_REQUEST,
         "invalid_id",
     )

@@ -3,10 +3,12 @@
 
 mod buffered;
 mod cancellation;
+mod cluster;
 mod connections;
 mod cookbook;
 mod crash;
 mod deadlines;
+mod direct_replicas;
 mod file_store;
 mod harness;
 mod history;
@@ -14,10 +16,13 @@ mod http_api;
 mod incarnation;
 mod limits;
 mod live;
+mod nats_connect;
 mod openapi;
 mod outage;
 mod pg;
+mod pg_tls;
 mod proxy;
 mod store_conformance;
 mod support;
+mod unicode_ids;
 mod viewer;

@@ -75,9 +75,14 @@ fn every_reference_resolves() {
     }
 }
 
-/// Candidate ids: every single ASCII character, a non-ASCII one, dots, and the length limit.
+/// Candidate ids: every single character up to U+00FF, some beyond, dots, and the length
+/// limit in bytes and in characters.
 fn id_corpus() -> Vec<String> {
-    let mut ids: Vec<String> = (0u8..=127).map(|b| (b as char).to_string()).collect();
+    let mut ids: Vec<String> = (0u32..=0xFF)
+        .chain([0x200B, 0x2028, 0xFEFF, 0xFFFD, 0xFFFF, 0x1F680, 0x10FFFF])
+        .filter_map(char::from_u32)
+        .map(|c| c.to_string())
+        .collect();
     for s in [
         "",
         ".",
@@ -91,7 +96,11 @@ fn id_corpus() -> Vec<String> {
         "a*b",
         "x>y",
         "é",
+        "café-1",
+        "ana@example.com",
+        "会话 7",
         "a b",
+        "tab\there",
         "\"q\"",
         "[x]",
         "{y}",
@@ -105,6 +114,12 @@ fn id_corpus() -> Vec<String> {
     }
     ids.push("a".repeat(MAX_ID_LEN));
     ids.push("a".repeat(MAX_ID_LEN + 1));
+    // 64 two-byte characters are 128 bytes; 65 are 130 bytes but still fewer than 128
+    // characters; 32 four-byte characters are 128 bytes.
+    ids.push("é".repeat(MAX_ID_LEN / 2));
+    ids.push("é".repeat(MAX_ID_LEN / 2 + 1));
+    ids.push("🚀".repeat(MAX_ID_LEN / 4));
+    ids.push("🚀".repeat(MAX_ID_LEN / 4 + 1));
     ids
 }
 
@@ -126,8 +141,13 @@ fn the_documented_id_format_is_the_id_rule() {
         let re = regex_of(s);
         let max = s["maxLength"].as_u64().unwrap() as usize;
         let min = s["minLength"].as_u64().unwrap() as usize;
+        assert_eq!(max, MAX_ID_LEN, "{op}");
         for id in id_corpus() {
-            let documented = re.is_match(&id) && (min..=max).contains(&id.chars().count());
+            // `maxLength` counts characters; the byte bound is in the description, since no
+            // JSON Schema keyword can state it (see src/http/doc.rs).
+            let documented = re.is_match(&id)
+                && (min..=max).contains(&id.chars().count())
+                && id.len() <= MAX_ID_LEN;
             assert_eq!(
                 documented,
                 ThreadId::parse(&id).is_ok(),
@@ -135,6 +155,35 @@ fn the_documented_id_format_is_the_id_rule() {
             );
         }
     }
+    let mut described = param_descriptions(&doc, "id", "path");
+    for body in ["CreateThread", "ReplaceThread"] {
+        described.push((
+            body.into(),
+            doc["components"]["schemas"][body]["properties"]["id"]["description"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned(),
+        ));
+    }
+    for (op, d) in described {
+        assert!(d.contains("128 bytes in UTF-8"), "{op}: {d}");
+    }
+}
+
+/// The description of parameter `name` (in `place`) of every operation that has it.
+fn param_descriptions(doc: &Value, name: &str, place: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            for p in op["parameters"].as_array().into_iter().flatten() {
+                if p["name"] == name && p["in"] == place {
+                    let d = p["description"].as_str().unwrap_or("").to_owned();
+                    out.push((format!("{method} {path}"), d));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Values the header formats must decide on, valid and not.

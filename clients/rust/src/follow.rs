@@ -304,8 +304,8 @@ async fn open(inner: &Inner, thread_id: &str, last: Version) -> Open {
         thread_id,
         expected: None,
     };
-    if thread_id.is_empty() {
-        return Open::Fatal(ThreadStoreError::InvalidId("the id is empty".into()));
+    if let Err(e) = crate::store::path_id(thread_id) {
+        return Open::Fatal(e);
     }
     let url = inner.url(
         &["v1", "threads", thread_id, "events"],

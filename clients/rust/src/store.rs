@@ -128,11 +128,18 @@ struct WireHistory {
     has_more: bool,
 }
 
-/// The thread id as a path segment; the gateway judges everything but emptiness (which
-/// would name another route).
-fn path_id(id: &str) -> Result<&str> {
+/// The thread id as a path segment; the gateway judges everything but what would not reach
+/// it intact: emptiness (which would name another route) and ASCII tab, line feed and carriage
+/// return, which URL building drops (WHATWG URL rules; `tab\there` would name `tabhere`) and
+/// which no valid id holds.
+pub(crate) fn path_id(id: &str) -> Result<&str> {
     if id.is_empty() {
         return Err(ThreadStoreError::InvalidId("the id is empty".into()));
+    }
+    if id.contains(['\t', '\n', '\r']) {
+        return Err(ThreadStoreError::InvalidId(
+            "control characters are not allowed in an id".into(),
+        ));
     }
     Ok(id)
 }

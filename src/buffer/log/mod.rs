@@ -14,10 +14,14 @@
 //! `codec` is the wire form, `reader` the bounded read, `follow` the live follower.
 
 mod codec;
+mod connect;
 mod follow;
 mod reader;
 
 pub use codec::{Body, LogEntry, encode};
+pub use connect::{
+    CLIENT_CAPACITY, NatsAuth, NatsTls, SUBSCRIPTION_CAPACITY, differences, redacted,
+};
 pub use follow::{Followed, LogFollower};
 pub use reader::LogReader;
 
@@ -66,12 +70,32 @@ pub enum PublishFailure {
 /// How to reach NATS and name things there.
 #[derive(Debug, Clone)]
 pub struct LogConfig {
-    /// NATS server URL(s), comma-separated.
+    /// NATS server URL(s), comma-separated seeds of one cluster; user info in them is used as
+    /// credentials.
     pub url: String,
     /// Namespaces the stream and subjects: `[A-Za-z0-9_-]+`.
     pub prefix: String,
     /// How long start-up keeps retrying an unreachable server.
     pub startup_timeout: Duration,
+    /// Replicas of the streams the gateway creates (an existing stream must match).
+    pub replicas: usize,
+    /// Credentials (besides any in the URL; at most one source).
+    pub auth: NatsAuth,
+    /// TLS settings.
+    pub tls: NatsTls,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            url: "nats://127.0.0.1:4222".into(),
+            prefix: "threadgate".into(),
+            startup_timeout: Duration::from_secs(30),
+            replicas: 1,
+            auth: NatsAuth::None,
+            tls: NatsTls::default(),
+        }
+    }
 }
 
 /// The JetStream log of every thread (see the module docs). Cheap to clone.
@@ -103,7 +127,9 @@ async fn timed<T, E: std::fmt::Display>(
 
 impl Log {
     /// Connects (retrying an unreachable server for `startup_timeout`) and creates the log
-    /// and dead-letter streams if they do not exist.
+    /// and dead-letter streams if they do not exist; an existing stream with other settings
+    /// (replicas included) is a start-up error naming each difference. See `connect.rs` for
+    /// credentials, TLS, reconnects and the client's buffers.
     pub async fn connect(config: &LogConfig) -> anyhow::Result<Log> {
         anyhow::ensure!(
             !config.prefix.is_empty()
@@ -113,40 +139,39 @@ impl Log {
                     .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'),
             "--nats-prefix must be letters, digits, `_` or `-`"
         );
-        let client = crate::app::retry_startup("NATS", config.startup_timeout, || async {
-            async_nats::ConnectOptions::new()
-                .connection_timeout(NATS_TIMEOUT)
-                .request_timeout(Some(NATS_TIMEOUT))
-                .connect(config.url.as_str())
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot connect to NATS: {e}"))
-        })
-        .await?;
+        let client = connect::connect(config).await?;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(NATS_TIMEOUT);
         let prefix = config.prefix.as_str();
-        let stream = js
-            .get_or_create_stream(stream::Config {
-                name: format!("{prefix}_log"),
-                subjects: vec![format!("{prefix}.log.>")],
-                retention: stream::RetentionPolicy::Limits,
-                storage: stream::StorageType::File,
-                discard: stream::DiscardPolicy::New,
-                max_age: MAX_AGE,
-                duplicate_window: DUPLICATE_WINDOW,
-                allow_direct: true,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot create the JetStream stream: {e}"))?;
-        js.get_or_create_stream(stream::Config {
-            name: format!("{prefix}_dead"),
-            subjects: vec![format!("{prefix}.dead.>")],
-            storage: stream::StorageType::File,
-            ..Default::default()
+        let replicas = config.replicas.max(1);
+        // A cluster may still be electing its JetStream leader when the gateway starts next
+        // to it: retried like the connect.
+        let stream = crate::app::retry_startup("JetStream", config.startup_timeout, || {
+            connect::ensure_stream(
+                &js,
+                connect::stream_config(
+                    format!("{prefix}_log"),
+                    format!("{prefix}.log.>"),
+                    replicas,
+                    true,
+                ),
+                "log",
+            )
         })
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot create the dead-letter stream: {e}"))?;
+        .await?;
+        crate::app::retry_startup("JetStream", config.startup_timeout, || {
+            connect::ensure_stream(
+                &js,
+                connect::stream_config(
+                    format!("{prefix}_dead"),
+                    format!("{prefix}.dead.>"),
+                    replicas,
+                    false,
+                ),
+                "dead-letter",
+            )
+        })
+        .await?;
         let max_payload = client.server_info().max_payload;
         Ok(Log {
             client,

@@ -69,6 +69,9 @@ pub fn db_err(e: sqlx::Error) -> StoreError {
         E::Io(_) | E::Tls(_) | E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed => {
             StoreError::Unavailable(e.to_string())
         }
+        // A connection closed before the server answered the TLS request: sqlx 0.8 reports
+        // the missing byte as a protocol error ("unexpected response from SSLRequest: 0x00").
+        E::Protocol(m) if m.contains("SSLRequest") => StoreError::Unavailable(e.to_string()),
         E::Database(d) => match d.code().as_deref() {
             // Class 08: connection exceptions; 57P01-03: admin/crash shutdown, cannot
             // connect now; 53300: too many connections; 57014: statement timeout or

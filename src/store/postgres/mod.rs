@@ -30,10 +30,12 @@
 //!   closes its connection instead of returning it.
 
 mod codec;
+mod notify;
 mod read;
 mod rows;
 mod write;
 
+use super::changes::Changes;
 use super::{
     Appended, ChangeSet, Expect, History, IdempotencyKey, Incarnation, ListPage, ListQuery,
     MessagePage, MessageQuery, Result, RunRecord, Snapshot, StateAt, Store, StoreError, Write,
@@ -48,7 +50,9 @@ use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Connection, Executor, Postgres};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// The schema, embedded at compile time. `Migrator::run` takes a PostgreSQL advisory lock
 /// (locking is on by default in sqlx 0.8), so replicas starting together migrate once.
@@ -73,6 +77,9 @@ pub struct PgOptions {
     pub statement_timeout: Duration,
     /// How long start-up keeps retrying an unreachable server before giving up.
     pub startup_timeout: Duration,
+    /// Announce every committed write with `NOTIFY` (direct mode, so other replicas' live
+    /// streams carry it); off in buffered mode, which follows the JetStream log instead.
+    pub notify: bool,
 }
 
 impl Default for PgOptions {
@@ -86,6 +93,7 @@ impl Default for PgOptions {
             // Longer than any healthy statement (a 1,000-entry fold chunk takes < 1 s).
             statement_timeout: Duration::from_secs(30),
             startup_timeout: Duration::from_secs(30),
+            notify: true,
         }
     }
 }
@@ -94,6 +102,13 @@ impl Default for PgOptions {
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+    /// How the pool connects (the notification listener connects the same way).
+    connect: PgConnectOptions,
+    /// The listener's announcements, started by the first [`Store::changes`] call.
+    changes: Arc<std::sync::OnceLock<Arc<Changes>>>,
+    /// Ends the listener at [`Store::close`].
+    stop: CancellationToken,
+    listener: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
 impl PostgresStore {
@@ -116,6 +131,12 @@ impl PostgresStore {
             "statement_timeout",
             opts.statement_timeout.as_millis().to_string(),
         )]);
+        // Read by the triggers of migrations/0005_notify.sql.
+        let connect = if opts.notify {
+            connect
+        } else {
+            connect.options([("threadgate.notify", "off")])
+        };
         crate::app::retry_startup("PostgreSQL", opts.startup_timeout, || {
             Self::connect_with(connect.clone(), opts)
         })
@@ -128,7 +149,7 @@ impl PostgresStore {
         // is session-level, so a failed run must not hand a still-locked session to the pool.
         let mut conn = PgConnection::connect_with(&connect)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL: {e}"))?;
+            .map_err(connect_error)?;
         MIGRATOR
             .run(&mut conn)
             .await
@@ -137,10 +158,48 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .max_connections(opts.max_connections.max(1))
             .acquire_timeout(opts.acquire_timeout)
-            .connect_with(connect)
+            .connect_with(connect.clone())
             .await
-            .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL: {e}"))?;
-        Ok(PostgresStore { pool })
+            .map_err(connect_error)?;
+        Ok(PostgresStore {
+            pool,
+            connect,
+            changes: Default::default(),
+            stop: CancellationToken::new(),
+            listener: Default::default(),
+        })
+    }
+}
+
+/// A failed connect as a start-up error: one that waiting cannot cure (TLS refused, a
+/// credential or `pg_hba.conf` refusal, a missing database, bad settings) is
+/// [`crate::app::Permanent`], so start-up reports it at once instead of retrying.
+fn connect_error(e: sqlx::Error) -> anyhow::Error {
+    let why = match &e {
+        // rustls's refusal arrives as an I/O error carrying it.
+        sqlx::Error::Io(io) if crate::app::tls_refused(io) => Some(
+            "TLS with PostgreSQL failed (with sslmode=verify-ca or verify-full: the server's \
+             certificate must be signed by a CA in sslrootcert or the public roots, and with \
+             verify-full name the host of the URL)",
+        ),
+        sqlx::Error::Tls(_) => Some(
+            "TLS with PostgreSQL failed (with sslmode=verify-ca or verify-full: the server's \
+             certificate must be signed by a CA in sslrootcert or the public roots, and with \
+             verify-full name the host of the URL)",
+        ),
+        sqlx::Error::Database(d) => match d.code().as_deref() {
+            // invalid_password, invalid_authorization_specification (pg_hba.conf)
+            Some("28P01" | "28000") => Some("PostgreSQL refused the connection"),
+            // invalid_catalog_name
+            Some("3D000") => Some("the database does not exist"),
+            _ => None,
+        },
+        sqlx::Error::Configuration(_) => Some("invalid PostgreSQL connection settings"),
+        _ => None,
+    };
+    match why {
+        Some(why) => anyhow::Error::new(crate::app::Permanent(format!("{why}: {e}"))),
+        None => anyhow::anyhow!("cannot connect to PostgreSQL: {e}"),
     }
 }
 
@@ -350,7 +409,31 @@ impl Store for PostgresStore {
         Ok(())
     }
 
+    /// Every replica's writes, from `LISTEN` (see `notify.rs`); the listener starts with the
+    /// first call and ends at [`Store::close`].
+    fn changes(&self) -> Option<Arc<Changes>> {
+        let changes = self.changes.get_or_init(|| {
+            let changes = Arc::new(Changes::default());
+            let task = tokio::spawn(notify::listen(
+                self.connect.clone(),
+                self.pool.clone(),
+                changes.clone(),
+                self.stop.clone(),
+            ));
+            if let Ok(mut slot) = self.listener.lock() {
+                *slot = Some(task);
+            }
+            changes
+        });
+        Some(changes.clone())
+    }
+
     async fn close(&self) {
+        self.stop.cancel();
+        let task = self.listener.lock().ok().and_then(|mut t| t.take());
+        if let Some(task) = task {
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
         self.pool.close().await;
     }
 }

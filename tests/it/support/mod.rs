@@ -1,11 +1,17 @@
 //! Test support shared by the suites: a seeded generator ([`rng`]), a client that retries
-//! through crashes ([`retry`]), the in-memory oracle ([`oracle`]), an SSE client ([`sse`]),
-//! JSON request helpers, and polling until a condition holds ([`eventually`]).
+//! through crashes ([`retry`]), the in-memory oracle ([`oracle`]), a strict SSE client ([`sse`])
+//! and a lenient one that resumes across outages ([`resume`]), certificates ([`tls`]), NATS
+//! operator credentials ([`nats_jwt`]), a throwaway PostgreSQL cluster ([`pg_cluster`]), JSON
+//! request helpers, and polling until a condition holds ([`eventually`]).
 
+pub mod nats_jwt;
 pub mod oracle;
+pub mod pg_cluster;
+pub mod resume;
 pub mod retry;
 pub mod rng;
 pub mod sse;
+pub mod tls;
 
 use reqwest::StatusCode;
 use serde_json::Value;

@@ -734,7 +734,7 @@ async fn same_as_tirea_memory_store_buffered() {
 async fn gateway_rules_map_onto_tirea_errors() {
     let gw = Gateway::start(Mode::Memory).await;
     let store = gw.client();
-    for bad in ["has space", "../etc", "", "a/b"] {
+    for bad in ["tab\there", "../etc", "", "a/b"] {
         let e = store.create(&Thread::new(bad)).await.unwrap_err();
         assert!(
             matches!(e, ThreadStoreError::InvalidId(_)),
@@ -745,6 +745,12 @@ async fn gateway_rules_map_onto_tirea_errors() {
             matches!(e, ThreadStoreError::InvalidId(_)),
             "load {bad:?}: {e:?}"
         );
+    }
+    // Any other Unicode text is an id, and reaches the gateway intact.
+    for good in ["café ✓", "ana@example.com", "会话 7"] {
+        store.create(&thread(good, None)).await.unwrap();
+        let loaded = store.load(good).await.unwrap().expect("created");
+        assert_eq!(loaded.thread.id, good);
     }
     store.create(&thread("x", None)).await.unwrap();
     // `count` is a number: appending to it is not a valid patch, and changes nothing.

@@ -164,7 +164,7 @@ async fn stream_ends_and_snapshots() {
         "{first:?}"
     );
     assert!(missing.next().await.is_none(), "and the end");
-    let mut bad = store.follow("has space", 0);
+    let mut bad = store.follow("tab\there", 0);
     assert!(matches!(
         bad.next().await,
         Some(Err(ThreadStoreError::InvalidId(_)))
