@@ -249,11 +249,18 @@ fn redact(spec: &str) -> String {
     }
 }
 
-/// Installs the global tracing subscriber (`RUST_LOG` filters, default `info`).
+/// Installs the global tracing subscriber (`RUST_LOG` filters, default `info`). Logs go to
+/// stdout; text lines are coloured only when stdout is a terminal (and `NO_COLOR` is unset), so
+/// a log file, a pipe or a container's log collector never gets ANSI escape codes.
 pub fn init_tracing(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let colour = std::io::stdout().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(colour);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
