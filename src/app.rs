@@ -6,10 +6,13 @@
 //! this process can (buffered mode; whatever is left is folded by the next start-up's
 //! recovery); wait for background tasks; close the store's connections.
 
+use crate::auth::Authenticator;
 use crate::buffer::log::LogConfig;
 use crate::buffer::{BufferConfig, Buffered};
 use crate::config::{Config, LogFormat};
-use crate::http::{AppState, router};
+use crate::http::auth::Gate;
+use crate::http::edge::{HttpMetrics, RequestTimeout};
+use crate::http::{AppState, Edge, router};
 use crate::live::source::{LiveSource, LogSource, StoreSource};
 use crate::live::{Hub, LiveConfig};
 use crate::store::{DynStore, PgOptions};
@@ -112,6 +115,8 @@ async fn assemble(
     let live = LiveConfig {
         keepalive: config.sse_keepalive,
         channel_capacity: config.sse_buffer,
+        max_streams: config.max_streams,
+        max_streams_per_caller: config.max_streams_per_caller,
     };
     let parts = match &config.nats_url {
         Some(url) => {
@@ -148,11 +153,49 @@ async fn assemble(
     Ok(parts)
 }
 
+/// The HTTP edge's settings: authentication (a malformed tokens file or key stops start-up
+/// here, before any backend is opened), CORS, the request timeout and request metrics.
+fn edge(
+    config: &Config,
+    registry: &mut prometheus_client::registry::Registry,
+) -> anyhow::Result<Edge> {
+    let auth = Authenticator::from_config(&config.auth())?;
+    let loopback = config.listen.ip().is_loopback();
+    match (&auth, loopback) {
+        (None, true) => tracing::info!(
+            "authentication is off: every caller may read and write every thread (set \
+             --auth-tokens or a JWT key before exposing the gateway)"
+        ),
+        (None, false) => tracing::warn!(
+            listen = %config.listen,
+            "authentication is off on a non-loopback address: anyone who can reach it may \
+             read and write every thread; set --auth-tokens or a JWT key"
+        ),
+        (Some(_), _) => tracing::info!("authentication is on"),
+    }
+    let gate = Gate {
+        auth,
+        protect_metrics: config.protect_metrics,
+        protect_openapi: config.protect_openapi,
+        failures: Default::default(),
+    };
+    gate.register_metrics(registry);
+    let metrics = HttpMetrics::default();
+    metrics.register(registry);
+    Ok(Edge {
+        gate: Arc::new(gate),
+        cors: crate::http::edge::cors(&config.cors_origin)?,
+        timeout: RequestTimeout(config.request_timeout),
+        metrics: Arc::new(metrics),
+    })
+}
+
 /// Opens the backends, binds the listener and starts serving in the background.
 pub async fn start(config: &Config) -> anyhow::Result<Running> {
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
     let mut registry = prometheus_client::registry::Registry::default();
+    let edge = edge(config, &mut registry)?;
     let parts = match assemble(config, &shutdown, &tasks, &mut registry).await {
         Ok(parts) => parts,
         Err(e) => {
@@ -168,6 +211,8 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         metrics: Arc::new(registry),
         max_body: config.max_body,
         assets: crate::http::assets::Assets::new(config.static_dir.clone()),
+        delta_limits: config.delta_limits(),
+        edge: Arc::new(edge),
     };
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;

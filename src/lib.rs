@@ -4,6 +4,7 @@
 //! lives here so tests can start the whole gateway in-process on port 0.
 
 pub mod app;
+pub mod auth;
 pub mod buffer;
 pub mod config;
 pub mod http;

@@ -22,6 +22,7 @@ mod fold;
 pub mod log;
 mod write;
 
+use crate::auth::Scope;
 use crate::id::ThreadId;
 use crate::model::{ChangeSet, Extra, Thread};
 use crate::store::record::Record;
@@ -82,6 +83,9 @@ struct Head {
     seq: u64,
     version: u64,
     incarnation: Incarnation,
+    /// The thread's `resource_id` with every buffered entry applied: the owner a scoped
+    /// write is checked against (the compare-and-set publish proves it current).
+    resource_id: Option<String>,
     /// The current state with every buffered entry applied: validates the next delta.
     state: Value,
     /// Approximate bytes held, for the cache's budget.
@@ -230,26 +234,46 @@ impl WritePath for Buffered {
 
     async fn append(
         &self,
+        scope: &Scope,
         id: &ThreadId,
         delta: ChangeSet,
         expect: Expect,
         idempotency: Option<&IdempotencyKey>,
     ) -> Result<AppendOutcome> {
-        self.append_delta(id, delta, expect, idempotency).await
+        self.append_delta(scope, id, delta, expect, idempotency)
+            .await
     }
 
-    async fn replace(&self, id: &ThreadId, thread: Thread, expect: Expect) -> Result<u64> {
+    async fn replace(
+        &self,
+        scope: &Scope,
+        id: &ThreadId,
+        thread: Thread,
+        expect: Expect,
+    ) -> Result<u64> {
         let change = crate::store::Change::Replace(thread);
-        Ok(self.write(id, Some(change), expect, None).await?.version)
+        Ok(self
+            .write(scope, id, Some(change), expect, None)
+            .await?
+            .version)
     }
 
-    async fn patch_metadata(&self, id: &ThreadId, patch: Extra, expect: Expect) -> Result<u64> {
+    async fn patch_metadata(
+        &self,
+        scope: &Scope,
+        id: &ThreadId,
+        patch: Extra,
+        expect: Expect,
+    ) -> Result<u64> {
         let change = crate::store::Change::Metadata(patch);
-        Ok(self.write(id, Some(change), expect, None).await?.version)
+        Ok(self
+            .write(scope, id, Some(change), expect, None)
+            .await?
+            .version)
     }
 
-    async fn delete(&self, id: &ThreadId, expect: Expect) -> Result<()> {
-        self.delete_thread(id, expect).await
+    async fn delete(&self, scope: &Scope, id: &ThreadId, expect: Expect) -> Result<()> {
+        self.delete_thread(scope, id, expect).await
     }
 
     async fn flush(&self, id: &ThreadId) -> Result<FoldReport> {

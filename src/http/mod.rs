@@ -4,7 +4,9 @@
 //! shape the answer. All errors go through [`error::ApiError`].
 
 pub mod assets;
+pub mod auth;
 pub mod doc;
+pub mod edge;
 pub mod error;
 pub mod events;
 pub mod extract;
@@ -14,8 +16,10 @@ pub mod serve;
 pub mod threads;
 
 use crate::live::Hub;
+use crate::model::limits::DeltaLimits;
 use crate::write::Threads;
 use axum::Router;
+use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use doc::CommonResponses;
@@ -38,6 +42,34 @@ pub struct AppState {
     pub max_body: usize,
     /// The viewer page and browser module (`/`, `/static/...`).
     pub assets: assets::Assets,
+    /// Per-delta limits.
+    pub delta_limits: DeltaLimits,
+    /// Authentication, CORS, the request timeout and request metrics.
+    pub edge: Arc<Edge>,
+}
+
+/// The settings of the layers around the routes (see [`edge`] and [`auth`]).
+pub struct Edge {
+    /// Authentication.
+    pub gate: Arc<auth::Gate>,
+    /// CORS, when `--cors-origin` allows any origin.
+    pub cors: Option<tower_http::cors::CorsLayer>,
+    /// `--request-timeout`.
+    pub timeout: edge::RequestTimeout,
+    /// Request counts and latencies.
+    pub metrics: Arc<edge::HttpMetrics>,
+}
+
+impl Edge {
+    /// No authentication, no CORS, the default timeout (for tests and tools).
+    pub fn open() -> Self {
+        Edge {
+            gate: Arc::new(auth::Gate::open()),
+            cors: None,
+            timeout: edge::RequestTimeout(std::time::Duration::from_secs(30)),
+            metrics: Arc::default(),
+        }
+    }
 }
 
 #[derive(OpenApi)]
@@ -68,9 +100,12 @@ pub fn openapi_json() -> String {
     s
 }
 
+/// The routes with their layers, outermost first: CORS (answers preflights before anything
+/// else), the request span, request metrics, compression, authentication, the request timeout.
 pub fn router(state: AppState) -> Router {
     use axum::routing::post;
-    Router::new()
+    let edge = state.edge.clone();
+    let routes = Router::new()
         .route("/v1/threads", get(list::list).post(threads::create))
         .route(
             "/v1/threads/{id}",
@@ -97,8 +132,16 @@ pub fn router(state: AppState) -> Router {
         .route("/static/{*path}", get(assets::file))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(TraceLayer::new_for_http())
-        .with_state(state)
+        .layer(from_fn_with_state(edge.timeout, edge::timeout))
+        .layer(from_fn_with_state(edge.gate.clone(), auth::authenticate))
+        .layer(edge::compression())
+        .layer(from_fn_with_state(edge.metrics.clone(), edge::track))
+        .layer(TraceLayer::new_for_http().make_span_with(edge::RequestSpan))
+        .with_state(state);
+    match &edge.cors {
+        Some(cors) => routes.layer(cors.clone()),
+        None => routes,
+    }
 }
 
 #[derive(Debug, Serialize, serde::Deserialize, ToSchema)]

@@ -128,6 +128,7 @@ pub async fn serve(
         tracing::trace!(%peer, "connection accepted");
         tokio::spawn(serve_connection(
             stream,
+            peer,
             router.clone(),
             limits,
             shutdown.clone(),
@@ -301,6 +302,7 @@ impl Drop for InFlight {
 
 async fn serve_connection(
     stream: TcpStream,
+    peer: std::net::SocketAddr,
     router: Router,
     limits: ServeLimits,
     shutdown: CancellationToken,
@@ -316,6 +318,7 @@ async fn serve_connection(
         router,
         watch: watch.clone(),
         body_read_timeout: limits.body_read_timeout,
+        peer,
     };
     let mut builder = hyper::server::conn::http1::Builder::new();
     // Off: its clock also runs during keep-alive pauses (see the module docs); ours does not.
@@ -415,12 +418,13 @@ impl AsyncWrite for WatchedIo {
 }
 
 /// The router as a hyper service: marks each request in flight until its response body ends,
-/// and puts the body-read deadline on the request body.
+/// puts the body-read deadline on the request body, and tells the router the peer address.
 #[derive(Clone)]
 struct WatchedService {
     router: Router,
     watch: Arc<Watch>,
     body_read_timeout: Duration,
+    peer: std::net::SocketAddr,
 }
 
 type ServiceFuture = Pin<
@@ -435,6 +439,9 @@ impl hyper::service::Service<hyper::Request<Incoming>> for WatchedService {
     fn call(&self, req: hyper::Request<Incoming>) -> Self::Future {
         let guard = self.watch.begin_request();
         let timeout = self.body_read_timeout;
+        let mut req = req;
+        req.extensions_mut()
+            .insert(super::auth::PeerAddr(self.peer));
         let req = req.map(|body| {
             if http_body::Body::is_end_stream(&body) {
                 Body::new(body)

@@ -271,6 +271,10 @@ impl<P: Persist> Store for Records<P> {
         self.read(id, |r| Ok(r.incarnation)).await
     }
 
+    async fn owner(&self, id: &ThreadId) -> Result<Option<String>> {
+        self.read(id, |r| Ok(r.thread.resource_id.clone())).await
+    }
+
     async fn list(&self, q: &ListQuery) -> Result<ListPage> {
         let mut threads = Vec::new();
         let mut from: Option<Key> = q.after.as_ref().map(|c| (c.key, c.id.clone()));

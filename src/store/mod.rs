@@ -404,6 +404,8 @@ pub trait Store: Send + Sync + 'static {
     async fn version(&self, id: &ThreadId) -> Result<u64>;
     /// Which life of the thread id is current.
     async fn incarnation(&self, id: &ThreadId) -> Result<Incarnation>;
+    /// The thread's `resource_id` (its owner, for tenant scoping): cheap, one key lookup.
+    async fn owner(&self, id: &ThreadId) -> Result<Option<String>>;
     async fn list(&self, q: &ListQuery) -> Result<ListPage>;
     /// Full replace (messages keep their cursors by position). Returns the new version.
     async fn replace(&self, id: &ThreadId, thread: Thread, expect: Expect) -> Result<u64>;

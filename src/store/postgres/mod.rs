@@ -251,6 +251,10 @@ impl Store for PostgresStore {
         read::incarnation(&self.pool, id).await
     }
 
+    async fn owner(&self, id: &ThreadId) -> Result<Option<String>> {
+        read::owner(&self.pool, id).await
+    }
+
     async fn list(&self, q: &ListQuery) -> Result<ListPage> {
         read::list(&self.pool, q).await
     }

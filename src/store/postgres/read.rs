@@ -81,6 +81,17 @@ pub async fn incarnation(pool: &PgPool, id: &ThreadId) -> Result<Incarnation> {
     v.map(inc).ok_or(StoreError::NotFound)
 }
 
+/// [`crate::store::Store::owner`]: the primary key lookup of `version`, for `resource_id`.
+pub async fn owner(pool: &PgPool, id: &ThreadId) -> Result<Option<String>> {
+    let row: Option<Option<String>> =
+        sqlx::query_scalar("SELECT resource_id FROM threads WHERE id = $1")
+            .bind(id.as_str())
+            .fetch_optional(pool)
+            .await
+            .map_err(db_err)?;
+    dec_opt(row.ok_or(StoreError::NotFound)?)
+}
+
 /// [`crate::store::Store::list`]: keyset paging by id.
 pub async fn list(pool: &PgPool, q: &ListQuery) -> Result<ListPage> {
     let mut sql = QueryBuilder::<Postgres>::new(
