@@ -17,6 +17,7 @@ mod live;
 mod openapi;
 mod outage;
 mod pg;
+mod properties;
 mod proxy;
 mod store_conformance;
 mod support;
