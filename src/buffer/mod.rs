@@ -20,6 +20,7 @@
 
 mod fold;
 pub mod log;
+mod pending;
 mod write;
 
 use crate::auth::Scope;
@@ -31,9 +32,12 @@ use crate::write::{AppendOutcome, FoldReport, Result, WritePath};
 use async_trait::async_trait;
 use log::{Log, LogConfig};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use serde_json::Value;
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -62,7 +66,7 @@ pub struct BufferConfig {
 }
 
 /// Counters exported at `/metrics`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Counters {
     /// Writes published to the log.
     pub appends: Counter,
@@ -74,6 +78,28 @@ pub struct Counters {
     pub fold_failures: Counter,
     /// Appends retried after losing a compare-and-set.
     pub cas_retries: Counter,
+    /// How long completed folds took.
+    pub fold_seconds: Histogram,
+    /// Log entries above their thread's store watermark (see the `pending` module).
+    pub pending_entries: Gauge,
+    /// Age of the oldest of them, in seconds.
+    pub oldest_pending_seconds: Gauge<f64, AtomicU64>,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            appends: Counter::default(),
+            folds: Counter::default(),
+            folded_entries: Counter::default(),
+            fold_failures: Counter::default(),
+            cas_retries: Counter::default(),
+            // 1 ms to about 65 s.
+            fold_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
+            pending_entries: Gauge::default(),
+            oldest_pending_seconds: Gauge::default(),
+        }
+    }
 }
 
 /// The head of a thread as this process last saw it.
@@ -210,6 +236,22 @@ impl Buffered {
         ] {
             registry.register(name, help, counter.clone());
         }
+        registry.register(
+            "threadgate_fold_duration_seconds",
+            "How long completed folds took",
+            c.fold_seconds.clone(),
+        );
+        registry.register(
+            "threadgate_buffered_pending_entries",
+            "Log entries not folded into the store yet (as of the last idle sweep)",
+            c.pending_entries.clone(),
+        );
+        registry.register(
+            "threadgate_buffered_oldest_pending_seconds",
+            "Age of the oldest log entry of a thread with unfolded entries (as of the last \
+             idle sweep; may overstate by up to --keep-folded)",
+            c.oldest_pending_seconds.clone(),
+        );
     }
 
     fn cached(&self, id: &ThreadId) -> Option<Arc<Head>> {
@@ -278,6 +320,10 @@ impl WritePath for Buffered {
 
     async fn flush(&self, id: &ThreadId) -> Result<FoldReport> {
         self.fold(id).await
+    }
+
+    async fn owner(&self, id: &ThreadId) -> Result<Option<String>> {
+        self.live_owner(id).await
     }
 
     async fn live(&self, id: &ThreadId) -> Result<Option<Record>> {

@@ -219,7 +219,7 @@ impl Buffered {
             let stored = self.store.state(id).await?;
             // Read after the state: a fold that commits in between moved only entries the log
             // walk below applies again (or, trimmed, shows up as a gap and a retry).
-            let resource_id = self.store.owner(id).await?;
+            let resource_id = self.store.owner(id).await?.resource_id;
             let target = last.as_ref().map_or(0, |l| l.version).max(stored.version);
             let mut head = Head {
                 seq: 0,
@@ -411,6 +411,26 @@ impl Buffered {
             return Ok(replay);
         }
         Err(Error::IdempotencyKeyExpired)
+    }
+
+    /// The thread's owner with the buffered tail applied: the log's end and the store's owner
+    /// (what a missing thread costs too); only when entries are still buffered, the head (a
+    /// move may be among them: the cached head when it is at the end, else a fresh one).
+    pub(super) async fn live_owner(&self, id: &ThreadId) -> Result<Option<String>> {
+        let last = self.log.last(id).await?;
+        if last.as_ref().is_some_and(LogEntry::is_tombstone) {
+            return Err(StoreError::NotFound.into());
+        }
+        let stored = self.store.owner(id).await?;
+        let Some(last) = last.filter(|l| l.version > stored.version) else {
+            return Ok(stored.resource_id);
+        };
+        if let Some(head) = self.cached(id)
+            && head.seq == last.seq
+        {
+            return Ok(head.resource_id.clone());
+        }
+        Ok(self.head(id, true).await?.resource_id)
     }
 
     /// The thread with its buffered tail applied (read-your-writes).

@@ -77,7 +77,12 @@ impl Edge {
     info(title = "threadgate", description = "HTTP REST + SSE gateway for AI-agent conversation threads (tirea 0.5 wire format). \
 Errors are `application/problem+json` (RFC 9457) with a stable `code`. Besides the answers listed per operation, \
 any path answers `405 method_not_allowed` for a method it does not list (`#/components/responses/MethodNotAllowed`), \
-and an unknown path `404 not_found`."),
+and an unknown path `404 not_found`. \
+Authentication: a gateway started with `--auth-tokens` or a JWT key (`--jwt-secret`, `--jwt-public-key`) needs a credential \
+(see the security schemes) on every `/v1/` operation, and answers `401 unauthorized` without a valid one; without those flags \
+no credential is needed and every caller may do everything. A credential scoped to a `resource_id` sees only the threads \
+with that `resource_id` (any other thread answers `404`, exactly like a missing one), lists only those, and may not create \
+or save a thread with another `resource_id` (`403`; one left out is filled in)."),
     paths(
         threads::create, list::list, threads::get, threads::replace, threads::patch_metadata,
         threads::delete, threads::append, threads::messages, threads::state, threads::runs,

@@ -136,6 +136,9 @@ pub trait WritePath: Send + Sync + 'static {
     ) -> Result<u64>;
     /// Deletes the thread; nothing written before can bring it back.
     async fn delete(&self, scope: &Scope, id: &ThreadId, expect: Expect) -> Result<()>;
+    /// The thread's `resource_id` with every accepted write applied (a move still buffered
+    /// included), at the cost of a missing thread's lookup; `NotFound` when it is gone.
+    async fn owner(&self, id: &ThreadId) -> Result<Option<String>>;
     /// Brings the store up to every accepted write of the thread.
     async fn flush(&self, id: &ThreadId) -> Result<FoldReport>;
     /// The thread with accepted writes the store does not have yet applied, or `None` when
@@ -155,15 +158,14 @@ pub trait WritePath: Send + Sync + 'static {
     async fn stored_behind(&self, id: &ThreadId) -> Option<u64>;
 }
 
-/// `NotFound` unless the thread's owner (as the store has it) is the scope's; no backend work
+/// `NotFound` unless the thread's owner as the store has it is the scope's; no backend work
 /// for an admin. A thread that is not the caller's and one that does not exist cost the same:
 /// one key lookup.
 pub async fn guard(store: &dyn Store, scope: &Scope, id: &ThreadId) -> Result<()> {
-    if let Some(own) = scope.resource() {
-        let owner = store.owner(id).await?;
-        if owner.as_deref() != Some(own) {
-            return Err(StoreError::NotFound.into());
-        }
+    if let Some(own) = scope.resource()
+        && store.owner(id).await?.resource_id.as_deref() != Some(own)
+    {
+        return Err(StoreError::NotFound.into());
     }
     Ok(())
 }
@@ -213,10 +215,16 @@ impl Threads {
         );
     }
 
-    /// `NotFound` unless the thread is the scope's (see [`guard`]), for the operations that
-    /// the HTTP layer runs elsewhere (history, the event stream).
+    /// `NotFound` unless the thread is the scope's, as the write path knows its owner
+    /// ([`WritePath::owner`]); nothing to do for an admin. Also for the operations that the
+    /// HTTP layer runs elsewhere (history, the event stream).
     pub async fn guard(&self, scope: &Scope, id: &ThreadId) -> Result<()> {
-        guard(&*self.store, scope, id).await
+        if let Some(own) = scope.resource()
+            && self.writes.owner(id).await?.as_deref() != Some(own)
+        {
+            return Err(StoreError::NotFound.into());
+        }
+        Ok(())
     }
 
     /// The write path (for shutdown).

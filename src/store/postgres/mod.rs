@@ -251,7 +251,7 @@ impl Store for PostgresStore {
         read::incarnation(&self.pool, id).await
     }
 
-    async fn owner(&self, id: &ThreadId) -> Result<Option<String>> {
+    async fn owner(&self, id: &ThreadId) -> Result<super::Owner> {
         read::owner(&self.pool, id).await
     }
 
