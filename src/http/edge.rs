@@ -350,6 +350,35 @@ pub fn record_run_id(run_id: &str) {
 mod tests {
     use super::*;
 
+    /// The timeout answers a slow request with `503 timeout`, but never cuts a flush.
+    #[tokio::test(start_paused = true)]
+    async fn flush_is_exempt_from_the_request_timeout() {
+        use axum::routing::{get, post};
+        use tower_service::Service;
+        let slow = || async {
+            tokio::time::sleep(Duration::from_secs(120)).await;
+            "done"
+        };
+        let mut app = axum::Router::new()
+            .route("/v1/threads/{id}", get(slow))
+            .route("/v1/threads/{id}/flush", post(slow))
+            .layer(axum::middleware::from_fn_with_state(
+                RequestTimeout(Duration::from_secs(30)),
+                timeout,
+            ));
+        let req = |method: &str, uri: &str| {
+            axum::http::Request::builder()
+                .method(method)
+                .uri(uri)
+                .body(Body::empty())
+                .unwrap()
+        };
+        let res = app.call(req("GET", "/v1/threads/t")).await.unwrap();
+        assert_eq!(res.status(), axum::http::StatusCode::SERVICE_UNAVAILABLE);
+        let res = app.call(req("POST", "/v1/threads/t/flush")).await.unwrap();
+        assert_eq!(res.status(), axum::http::StatusCode::OK);
+    }
+
     #[test]
     fn origins_are_checked() {
         assert!(cors(&[]).unwrap().is_none());

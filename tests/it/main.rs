@@ -1,12 +1,14 @@
 //! Integration tests: one binary, one shared harness ([`harness`]), real PostgreSQL and real
 //! HTTP. Behaviour suites run against every backend.
 
+mod auth;
 mod buffered;
 mod cancellation;
 mod connections;
 mod cookbook;
 mod crash;
 mod deadlines;
+mod edge;
 mod file_store;
 mod harness;
 mod history;
@@ -21,4 +23,5 @@ mod properties;
 mod proxy;
 mod store_conformance;
 mod support;
+mod tenancy;
 mod viewer;

@@ -1,4 +1,7 @@
-//! Test support shared by the suites: polling until a condition holds.
+//! Test support shared by the suites: polling until a condition holds, and callers with
+//! credentials ([`tenants`]).
+
+pub mod tenants;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
