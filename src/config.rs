@@ -226,8 +226,8 @@ pub struct Config {
     pub max_streams: usize,
 
     /// Event streams one caller may hold open at once (`429 too_many_streams` above): per
-    /// resource_id for scoped credentials, per token for admin tokens, per client address
-    /// without authentication.
+    /// resource_id for scoped credentials, per token for admin tokens (without authentication
+    /// nobody is identified, and only `--max-streams` applies).
     #[arg(long, env = "THREADGATE_MAX_STREAMS_PER_CALLER", default_value_t = crate::live::DEFAULT_MAX_STREAMS_PER_CALLER,
         value_parser = parse_positive, help_heading = "Limits")]
     pub max_streams_per_caller: usize,

@@ -103,21 +103,19 @@ impl Scope {
 pub struct Caller {
     /// What it may see.
     pub scope: Scope,
-    /// Who it is, for per-caller limits and logs: the resource for a scoped caller (every
-    /// credential of one tenant counts together), the token's line for an admin token, the
-    /// peer address when authentication is off. Never the credential itself.
-    pub key: Arc<str>,
+    /// Who it is, for per-caller limits: the resource for a scoped caller (every credential
+    /// of one tenant counts together), the token's line for an admin token; never the
+    /// credential itself. `None` without authentication, where nobody is identified (behind a
+    /// proxy every client would share one address), so only process-wide limits apply.
+    pub key: Option<Arc<str>>,
 }
 
 impl Caller {
-    /// A caller of a gateway without authentication: admin scope, counted per peer address.
-    pub fn anonymous(peer: Option<std::net::IpAddr>) -> Self {
+    /// A caller of a gateway without authentication: admin scope, not identified.
+    pub fn anonymous() -> Self {
         Caller {
             scope: Scope::Admin,
-            key: match peer {
-                Some(ip) => format!("peer {ip}").into(),
-                None => "anonymous".into(),
-            },
+            key: None,
         }
     }
 
@@ -125,7 +123,7 @@ impl Caller {
     pub fn scoped(resource: &str) -> Self {
         Caller {
             scope: Scope::Resource(resource.into()),
-            key: format!("resource {resource}").into(),
+            key: Some(format!("resource {resource}").into()),
         }
     }
 }

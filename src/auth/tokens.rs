@@ -71,7 +71,7 @@ impl TokenTable {
             let caller = if scope == "admin" {
                 Caller {
                     scope: Scope::Admin,
-                    key: format!("admin token (line {n})").into(),
+                    key: Some(format!("admin token (line {n})").into()),
                 }
             } else if let Some(resource) = scope.strip_prefix("resource:") {
                 if resource.is_empty() {
@@ -160,7 +160,7 @@ mod tests {
         );
         let alice = t.find("alice-token-0123456789").unwrap();
         assert_eq!(alice.scope, Scope::Resource("user 1".into()));
-        assert_eq!(&*alice.key, "resource user 1");
+        assert_eq!(alice.key.as_deref(), Some("resource user 1"));
         assert!(t.find("alice-token-012345678").is_none());
         assert!(t.find("").is_none());
     }

@@ -26,10 +26,6 @@ use std::sync::Arc;
 /// The query parameter that may carry a token on read requests.
 pub const ACCESS_TOKEN_PARAM: &str = "access_token";
 
-/// The peer address of a request's connection (set by the server loop).
-#[derive(Debug, Clone, Copy)]
-pub struct PeerAddr(pub std::net::SocketAddr);
-
 /// What a route needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Access {
@@ -96,11 +92,10 @@ pub async fn authenticate(State(gate): State<Arc<Gate>>, mut req: Request, next:
         Ok(t) => t,
         Err(e) => return gate.refuse(e),
     };
-    let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
     let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str());
     let access = gate.access(route);
     let Some(auth) = &gate.auth else {
-        req.extensions_mut().insert(Caller::anonymous(peer));
+        req.extensions_mut().insert(Caller::anonymous());
         return next.run(req).await;
     };
     if access == Access::Open {

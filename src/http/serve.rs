@@ -128,7 +128,6 @@ pub async fn serve(
         tracing::trace!(%peer, "connection accepted");
         tokio::spawn(serve_connection(
             stream,
-            peer,
             router.clone(),
             limits,
             shutdown.clone(),
@@ -302,7 +301,6 @@ impl Drop for InFlight {
 
 async fn serve_connection(
     stream: TcpStream,
-    peer: std::net::SocketAddr,
     router: Router,
     limits: ServeLimits,
     shutdown: CancellationToken,
@@ -318,7 +316,6 @@ async fn serve_connection(
         router,
         watch: watch.clone(),
         body_read_timeout: limits.body_read_timeout,
-        peer,
     };
     let mut builder = hyper::server::conn::http1::Builder::new();
     // Off: its clock also runs during keep-alive pauses (see the module docs); ours does not.
@@ -418,13 +415,12 @@ impl AsyncWrite for WatchedIo {
 }
 
 /// The router as a hyper service: marks each request in flight until its response body ends,
-/// puts the body-read deadline on the request body, and tells the router the peer address.
+/// and puts the body-read deadline on the request body.
 #[derive(Clone)]
 struct WatchedService {
     router: Router,
     watch: Arc<Watch>,
     body_read_timeout: Duration,
-    peer: std::net::SocketAddr,
 }
 
 type ServiceFuture = Pin<
@@ -439,9 +435,6 @@ impl hyper::service::Service<hyper::Request<Incoming>> for WatchedService {
     fn call(&self, req: hyper::Request<Incoming>) -> Self::Future {
         let guard = self.watch.begin_request();
         let timeout = self.body_read_timeout;
-        let mut req = req;
-        req.extensions_mut()
-            .insert(super::auth::PeerAddr(self.peer));
         let req = req.map(|body| {
             if http_body::Body::is_end_stream(&body) {
                 Body::new(body)

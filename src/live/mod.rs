@@ -138,17 +138,19 @@ struct OpenStreams {
 /// A place for one event stream, held while it is open.
 pub struct StreamPermit {
     open: Arc<Mutex<OpenStreams>>,
-    caller: Arc<str>,
+    caller: Option<Arc<str>>,
 }
 
 impl Drop for StreamPermit {
     fn drop(&mut self) {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         open.total = open.total.saturating_sub(1);
-        if let Some(n) = open.per_caller.get_mut(&self.caller) {
+        if let Some(c) = &self.caller
+            && let Some(n) = open.per_caller.get_mut(c)
+        {
             *n -= 1;
             if *n == 0 {
-                open.per_caller.remove(&self.caller);
+                open.per_caller.remove(c);
             }
         }
     }
@@ -314,17 +316,22 @@ impl Hub {
         })
     }
 
-    /// Takes a place for one more stream of `caller` (see [`LiveConfig`]'s limits); the
-    /// stream holds the permit until it ends.
-    pub fn admit(&self, caller: Arc<str>) -> std::result::Result<StreamPermit, TooManyStreams> {
+    /// Takes a place for one more stream of `caller` (see [`LiveConfig`]'s limits; a caller
+    /// that is not identified counts toward the total only); the stream holds the permit until
+    /// it ends.
+    pub fn admit(
+        &self,
+        caller: Option<Arc<str>>,
+    ) -> std::result::Result<StreamPermit, TooManyStreams> {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let held = caller
+            .as_ref()
+            .map_or(0, |c| open.per_caller.get(c).copied().unwrap_or(0));
         let refused = if open.total >= self.config.max_streams {
             Some(TooManyStreams::Total {
                 limit: self.config.max_streams,
             })
-        } else if open.per_caller.get(&caller).copied().unwrap_or(0)
-            >= self.config.max_streams_per_caller
-        {
+        } else if held >= self.config.max_streams_per_caller {
             Some(TooManyStreams::Caller {
                 limit: self.config.max_streams_per_caller,
             })
@@ -343,7 +350,9 @@ impl Hub {
             return Err(why);
         }
         open.total += 1;
-        *open.per_caller.entry(caller.clone()).or_default() += 1;
+        if let Some(c) = &caller {
+            *open.per_caller.entry(c.clone()).or_default() += 1;
+        }
         Ok(StreamPermit {
             open: self.open.clone(),
             caller,
@@ -521,7 +530,7 @@ mod tests {
         );
         let id = crate::id::ThreadId::parse("x").unwrap();
         let sub = hub.subscribe(&id).await.unwrap();
-        let permit = hub.admit("test".into()).unwrap();
+        let permit = hub.admit(None).unwrap();
         let scope = crate::auth::Scope::Resource("r".into());
         let mut c = super::Subscriber::new(hub.clone(), id, sub, false, scope, permit);
         assert!(
@@ -551,19 +560,27 @@ mod tests {
             tokio_util::task::TaskTracker::new(),
             config,
         );
-        let a1 = hub.admit("a".into()).unwrap();
-        let _a2 = hub.admit("a".into()).unwrap();
+        let key = |k: &str| Some(std::sync::Arc::<str>::from(k));
+        let a1 = hub.admit(key("a")).unwrap();
+        let _a2 = hub.admit(key("a")).unwrap();
         assert_eq!(
-            hub.admit("a".into()).err(),
+            hub.admit(key("a")).err(),
             Some(super::TooManyStreams::Caller { limit: 2 })
         );
-        let _b1 = hub.admit("b".into()).unwrap();
+        let _b1 = hub.admit(key("b")).unwrap();
         assert_eq!(
-            hub.admit("c".into()).err(),
+            hub.admit(key("c")).err(),
             Some(super::TooManyStreams::Total { limit: 3 })
         );
         drop(a1);
-        let _c1 = hub.admit("c".into()).unwrap();
+        let anonymous = hub.admit(None).unwrap();
+        assert_eq!(
+            hub.admit(None).err(),
+            Some(super::TooManyStreams::Total { limit: 3 })
+        );
+        drop(anonymous);
+        let _c1 = hub.admit(key("c")).unwrap();
         assert_eq!(hub.open.lock().unwrap().per_caller.len(), 3);
+        assert_eq!(hub.open.lock().unwrap().total, 3);
     }
 }
