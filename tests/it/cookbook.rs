@@ -42,16 +42,14 @@ fn cookbook(readme: &str) -> Cookbook {
     let mut pending = String::new();
     for line in readme.lines() {
         let Some((kind, text)) = &mut block else {
-            let info: Vec<&str> = line.trim().split_whitespace().collect();
+            let info: Vec<&str> = line.split_whitespace().collect();
             let name = |i: usize| info.get(i).map_or("default", |n| n).to_owned();
             block = match info.as_slice() {
                 ["```sh", "cookbook", ..] => Some((Block::Commands(name(2)), String::new())),
                 ["```text", "cookbook-file", file] => {
                     Some((Block::File(file.to_string()), String::new()))
                 }
-                ["```sh", "cookbook-gateway", ..] => {
-                    Some((Block::Gateway(name(2)), String::new()))
-                }
+                ["```sh", "cookbook-gateway", ..] => Some((Block::Gateway(name(2)), String::new())),
                 _ => None,
             };
             continue;
@@ -121,7 +119,12 @@ async fn start(dir: &std::path::Path, line: &str) -> Process {
         rest = &rest[1..];
     }
     let flags = rest
-        .strip_prefix(&["cargo".into(), "run".into(), "--release".into(), "--".into()])
+        .strip_prefix(&[
+            "cargo".into(),
+            "run".into(),
+            "--release".into(),
+            "--".into(),
+        ])
         .unwrap_or_else(|| panic!("a gateway line starts with `cargo run --release --`: {line}"));
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     Process::spawn_in(Some(dir), &env, &flags).await
