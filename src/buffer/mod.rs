@@ -13,6 +13,10 @@
 //!   idle threads, at start-up (recovery) and at shutdown; nothing needs a durable consumer,
 //!   so any number of folds on any number of replicas can overlap safely.
 //!
+//! A full save that moves a thread to another `resource_id` is folded before it is answered,
+//! like a `RunFinished`: scoped reads are checked against the owner the store holds, which so
+//! changes with the move (writes check the cached head, which a compare-and-set keeps exact).
+//!
 //! Retention: the stream keeps messages for [`log::MAX_AGE`] at most (a safety net, never
 //! the mechanism). Folded entries younger than two minutes are kept a little longer, so most
 //! `Idempotency-Key` retries find their original in the log; later ones (within JetStream's
@@ -293,11 +297,7 @@ impl WritePath for Buffered {
         thread: Thread,
         expect: Expect,
     ) -> Result<u64> {
-        let change = crate::store::Change::Replace(thread);
-        Ok(self
-            .write(scope, id, Some(change), expect, None)
-            .await?
-            .version)
+        self.replace_thread(scope, id, thread, expect).await
     }
 
     async fn patch_metadata(
@@ -320,10 +320,6 @@ impl WritePath for Buffered {
 
     async fn flush(&self, id: &ThreadId) -> Result<FoldReport> {
         self.fold(id).await
-    }
-
-    async fn owner(&self, id: &ThreadId) -> Result<Option<String>> {
-        self.live_owner(id).await
     }
 
     async fn live(&self, id: &ThreadId) -> Result<Option<Record>> {

@@ -122,21 +122,50 @@ impl Buffered {
             .write(scope, id, Some(Change::Delta(delta)), expect, idempotency)
             .await?;
         let flushed = if finished {
-            // Tracked and not awaited directly, so a fold that outlives the wait still
-            // completes instead of being dropped mid-page.
-            let (b, fold_id) = (self.handle(), id.clone());
-            let fold = self.tasks.spawn(async move {
-                match b.upgrade() {
-                    Some(b) => b.fold(&fold_id).await.ok(),
-                    None => None,
-                }
-            });
-            let fold = tokio::time::timeout(FOLD_ON_FINISH_TIMEOUT, fold).await;
-            Some(matches!(fold, Ok(Ok(Some(r))) if r.version >= appended.version))
+            Some(self.fold_through(id, appended.version).await)
         } else {
             None
         };
         Ok(AppendOutcome { appended, flushed })
+    }
+
+    /// Folds the thread, waiting at most [`FOLD_ON_FINISH_TIMEOUT`]; whether the store then
+    /// holds `version`. The fold is tracked and not awaited directly, so one that outlives the
+    /// wait still completes instead of being dropped mid-page (the sweeper retries a failure).
+    async fn fold_through(&self, id: &ThreadId, version: u64) -> bool {
+        let (b, fold_id) = (self.handle(), id.clone());
+        let fold = self.tasks.spawn(async move {
+            match b.upgrade() {
+                Some(b) => b.fold(&fold_id).await.ok(),
+                None => None,
+            }
+        });
+        let fold = tokio::time::timeout(FOLD_ON_FINISH_TIMEOUT, fold).await;
+        matches!(fold, Ok(Ok(Some(r))) if r.version >= version)
+    }
+
+    /// A full save. One that moves the thread to another resource_id is folded before it is
+    /// answered (bounded like a `RunFinished`), so the store, which scoped reads are checked
+    /// against, names the new owner at once.
+    pub(super) async fn replace_thread(
+        &self,
+        scope: &Scope,
+        id: &ThreadId,
+        thread: Thread,
+        expect: Expect,
+    ) -> Result<u64> {
+        let to = thread.resource_id.clone();
+        let version = self
+            .write(scope, id, Some(Change::Replace(thread)), expect, None)
+            .await?
+            .version;
+        match self.store.owner(id).await {
+            Ok(stored) if stored.resource_id == to => {}
+            _ => {
+                self.fold_through(id, version).await;
+            }
+        }
+        Ok(version)
     }
 
     /// Deletes a thread: a tombstone in the log (so racing appends see it), then the store,
@@ -411,26 +440,6 @@ impl Buffered {
             return Ok(replay);
         }
         Err(Error::IdempotencyKeyExpired)
-    }
-
-    /// The thread's owner with the buffered tail applied: the log's end and the store's owner
-    /// (what a missing thread costs too); only when entries are still buffered, the head (a
-    /// move may be among them: the cached head when it is at the end, else a fresh one).
-    pub(super) async fn live_owner(&self, id: &ThreadId) -> Result<Option<String>> {
-        let last = self.log.last(id).await?;
-        if last.as_ref().is_some_and(LogEntry::is_tombstone) {
-            return Err(StoreError::NotFound.into());
-        }
-        let stored = self.store.owner(id).await?;
-        let Some(last) = last.filter(|l| l.version > stored.version) else {
-            return Ok(stored.resource_id);
-        };
-        if let Some(head) = self.cached(id)
-            && head.seq == last.seq
-        {
-            return Ok(head.resource_id.clone());
-        }
-        Ok(self.head(id, true).await?.resource_id)
     }
 
     /// The thread with its buffered tail applied (read-your-writes).

@@ -103,10 +103,6 @@ impl WritePath for DirectWrites {
         Ok(())
     }
 
-    async fn owner(&self, id: &ThreadId) -> Result<Option<String>> {
-        Ok(self.store.owner(id).await?.resource_id)
-    }
-
     async fn flush(&self, id: &ThreadId) -> Result<FoldReport> {
         Ok(FoldReport {
             version: self.store.version(id).await?,

@@ -16,12 +16,14 @@
 //! **Tenancy** is enforced here, for the caller's [`Scope`] (see [`crate::auth`]): every
 //! operation on a thread first checks that its `resource_id` is the caller's, and a thread
 //! that is not answers `NotFound`, exactly like a missing one and after the same backend work
-//! (one key lookup of the thread's owner: [`Store::owner`]; nothing for an admin). Writes check
-//! inside the write path, where the check can be exact: in direct mode just before the store
-//! write, in buffered mode on the head that the compare-and-set publish proves current (so a
-//! concurrent move to another resource can never let a write through). Reads of a live view or
-//! a snapshot check the `resource_id` of what they return as well, which covers a move that
-//! is still buffered. Lists are filtered to the caller's resource.
+//! (one key lookup of the thread's owner in the store: [`Store::owner`]; nothing for an
+//! admin). Writes check inside the write path, where the check can be exact: in direct mode
+//! just before the store write, in buffered mode on the head that the compare-and-set publish
+//! proves current (so a concurrent move to another resource can never let a write through).
+//! Reads of a live view or a snapshot check the `resource_id` of what they return as well.
+//! The store's owner is current in buffered mode too, because a write that moves a thread to
+//! another resource is folded before it is answered (see [`crate::buffer`]). Lists are
+//! filtered to the caller's resource.
 
 pub mod direct;
 
@@ -31,7 +33,7 @@ use crate::model::{ChangeSet, Extra, Thread};
 use crate::store::record::Record;
 use crate::store::{
     Appended, DynStore, Expect, IdempotencyKey, Incarnation, ListPage, ListQuery, MessagePage,
-    MessageQuery, RunRecord, Snapshot, StateAt, Store, StoreError,
+    MessageQuery, Owner, RunRecord, Snapshot, StateAt, Store, StoreError,
 };
 use async_trait::async_trait;
 use prometheus_client::metrics::counter::Counter;
@@ -136,9 +138,6 @@ pub trait WritePath: Send + Sync + 'static {
     ) -> Result<u64>;
     /// Deletes the thread; nothing written before can bring it back.
     async fn delete(&self, scope: &Scope, id: &ThreadId, expect: Expect) -> Result<()>;
-    /// The thread's `resource_id` with every accepted write applied (a move still buffered
-    /// included), at the cost of a missing thread's lookup; `NotFound` when it is gone.
-    async fn owner(&self, id: &ThreadId) -> Result<Option<String>>;
     /// Brings the store up to every accepted write of the thread.
     async fn flush(&self, id: &ThreadId) -> Result<FoldReport>;
     /// The thread with accepted writes the store does not have yet applied, or `None` when
@@ -159,15 +158,17 @@ pub trait WritePath: Send + Sync + 'static {
 }
 
 /// `NotFound` unless the thread's owner as the store has it is the scope's; no backend work
-/// for an admin. A thread that is not the caller's and one that does not exist cost the same:
-/// one key lookup.
-pub async fn guard(store: &dyn Store, scope: &Scope, id: &ThreadId) -> Result<()> {
-    if let Some(own) = scope.resource()
-        && store.owner(id).await?.resource_id.as_deref() != Some(own)
-    {
+/// for an admin (`None`). A thread that is not the caller's and one that does not exist cost
+/// the same: one key lookup, whose answer (with the stored version) is returned.
+pub async fn guard(store: &dyn Store, scope: &Scope, id: &ThreadId) -> Result<Option<Owner>> {
+    let Some(own) = scope.resource() else {
+        return Ok(None);
+    };
+    let owner = store.owner(id).await?;
+    if owner.resource_id.as_deref() != Some(own) {
         return Err(StoreError::NotFound.into());
     }
-    Ok(())
+    Ok(Some(owner))
 }
 
 /// `NotFound` unless a thread read is the scope's (a move still buffered shows up here).
@@ -215,16 +216,10 @@ impl Threads {
         );
     }
 
-    /// `NotFound` unless the thread is the scope's, as the write path knows its owner
-    /// ([`WritePath::owner`]); nothing to do for an admin. Also for the operations that the
-    /// HTTP layer runs elsewhere (history, the event stream).
+    /// `NotFound` unless the thread is the scope's (see [`guard`]); also for the operations
+    /// that the HTTP layer runs elsewhere (history, the event stream).
     pub async fn guard(&self, scope: &Scope, id: &ThreadId) -> Result<()> {
-        if let Some(own) = scope.resource()
-            && self.writes.owner(id).await?.as_deref() != Some(own)
-        {
-            return Err(StoreError::NotFound.into());
-        }
-        Ok(())
+        guard(&*self.store, scope, id).await.map(|_| ())
     }
 
     /// The write path (for shutdown).
@@ -321,15 +316,20 @@ impl Threads {
         }
     }
 
-    /// The version the view has reached (cheap: for `If-None-Match`).
+    /// The version the view has reached (cheap: for `If-None-Match`; for a scoped caller the
+    /// owner lookup already read the stored version, so revalidating costs one lookup either
+    /// way).
     pub async fn version(&self, scope: &Scope, id: &ThreadId, view: View) -> Result<u64> {
-        self.guard(scope, id).await?;
+        let owner = guard(&*self.store, scope, id).await?;
         if view == View::Live
             && let Some(v) = self.writes.live_version(id).await?
         {
             return Ok(v);
         }
-        Ok(self.store.version(id).await?)
+        match owner {
+            Some(o) => Ok(o.version),
+            None => Ok(self.store.version(id).await?),
+        }
     }
 
     /// A page of messages as the view sees them.
