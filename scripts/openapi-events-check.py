@@ -2,7 +2,10 @@
 """Checks GET /v1/threads/{id}/events of a running gateway against the committed OpenAPI
 document: the part schemathesis cannot test, because a stream in progress never ends.
 
-Usage: openapi-events-check.py OPENAPI_JSON BASE_URL [--buffered]
+Usage: openapi-events-check.py OPENAPI_JSON BASE_URL [--buffered] [--token TOKEN]
+
+With --token (a gateway with authentication on), every request carries it as a bearer token,
+and the check also asks without a credential (401) and with the token in the query.
 
 Every answer must have a status the document lists for the operation, the content type it
 gives for that status, a `Problem` body for errors, and every event's data must validate
@@ -42,7 +45,10 @@ def fail(msg):
 
 def main():
     doc_path, base = sys.argv[1], sys.argv[2].rstrip("/")
-    buffered = "--buffered" in sys.argv[3:]
+    rest = sys.argv[3:]
+    buffered = "--buffered" in rest
+    token = rest[rest.index("--token") + 1] if "--token" in rest else None
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
     doc = json.load(open(doc_path))
     op = doc["paths"][OP_PATH]["get"]
     responses = op["responses"]
@@ -77,7 +83,7 @@ def main():
         `expect_end`, until the server ends it). Returns the events as (event, id, data)."""
         url = base + path
         try:
-            res = requests.get(url, headers=headers or {}, stream=True, timeout=READ_TIMEOUT)
+            res = requests.get(url, headers={**auth, **(headers or {})}, stream=True, timeout=READ_TIMEOUT)
         except requests.RequestException as e:
             fail(f"{label}: request failed: {e}")
             return None, []
@@ -119,6 +125,7 @@ def main():
             return 200, events
 
     http = requests.Session()
+    http.headers.update(auth)
     tid = f"st-events-{uuid.uuid4().hex[:12]}"
     r = http.post(f"{base}/v1/threads", json={"id": tid, "state": [1, "any JSON"]}, timeout=READ_TIMEOUT)
     assert r.status_code == 201, r.text
@@ -142,7 +149,7 @@ def main():
         ("after negative", p + "?after=-1", None, 400),
         ("unknown query parameter", p + "?bogus=1", None, 400),
         ("Last-Event-ID not a version", p, {"Last-Event-ID": "+1"}, 400),
-    ]:
+    ] + ([("no credential", p, {"Authorization": "Bearer not-a-token"}, 401)] if token else []):
         got, _ = stream(label, path, headers)
         if got != status:
             fail(f"{label}: status {got}, expected {status}")
@@ -151,6 +158,10 @@ def main():
     stream("Last-Event-ID 0", p, {"Last-Event-ID": "0"}, until=["delta"])
     stream("snapshot first", p + "?snapshot=true", until=["snapshot"])
     stream("unreplayable position", p + "?after=999", until=["reset"], expect_end=True)
+    if token:
+        # EventSource's way: the token in the query, no header.
+        url = f"{p}?after=0&access_token={token}"
+        stream("token in the query", url, {"Authorization": None}, until=["delta"])
 
     # Live events: follow from the current version (so nothing written meanwhile is missed),
     # then write.

@@ -315,9 +315,11 @@ fi
 # BEGIN openapi-conformance (issue 7 G): keep openapi/openapi.json true.
 #   1. openapi-typescript (npm) generates TypeScript types from the committed document, and
 #      tsc accepts them: a frontend developer's first step.
-#   2. schemathesis (PyPI) tests a real gateway binary against the committed document, once on
-#      the memory store and once in buffered mode over PostgreSQL (fresh schema) and NATS (own
-#      prefix): fails on any 5xx, any response that contradicts the schema (body, content
+#   2. schemathesis (PyPI) tests a real gateway binary against the committed document, on the
+#      memory store, in buffered mode over PostgreSQL (fresh schema) and NATS (own prefix), and
+#      with authentication on (a tokens file; every request carries a token scoped to one
+#      resource_id, so tenancy's 403s and 404s are checked against the document too): fails
+#      on any 5xx, any response that contradicts the schema (body, content
 #      type, headers) and any undocumented status code. Coverage, fuzzing and stateful phases
 #      (links inferred from the Location header of create), THREADGATE_SCHEMATHESIS_MAX_TIME
 #      seconds per gateway (default 60); THREADGATE_SCHEMATHESIS_SEED replays a run.
@@ -404,8 +406,9 @@ oa_start_gateway() {
 # Runs schemathesis and the events check against OA_BASE; then the gateway must still be up
 # and stop cleanly on SIGTERM with no panic in its log.
 oa_check_gateway() {
-    local name=$1 events_flag=${2:-} ok=0 seed_args=()
+    local name=$1 events_flag=${2:-} ok=0 seed_args=() auth_args=()
     [[ -n "${THREADGATE_SCHEMATHESIS_SEED:-}" ]] && seed_args=(--seed "$THREADGATE_SCHEMATHESIS_SEED")
+    [[ -n "${OA_TOKEN:-}" ]] && auth_args=(--header "Authorization: Bearer $OA_TOKEN")
     log "schemathesis against the $name gateway (${THREADGATE_SCHEMATHESIS_MAX_TIME:-60}s)"
     mkdir -p "$WORK_DIR/st-$name"
     # One worker: with several, Python 3.11 before 3.11.8 (Debian 12's is 3.11.2) sometimes
@@ -418,7 +421,16 @@ oa_check_gateway() {
         --phases coverage,fuzzing,stateful \
         --workers 1 --request-timeout 20 \
         --max-time "${THREADGATE_SCHEMATHESIS_MAX_TIME:-60}" \
-        --no-color "${seed_args[@]}") >&2 || ok=1
+        --no-color "${seed_args[@]}" "${auth_args[@]}") >&2 || ok=1
+    if [[ -n "${OA_TOKEN:-}" ]]; then
+        # schemathesis really sent the scoped token: it created threads, and had some refused
+        # for naming another resource_id.
+        local m
+        m=$(curl -fsS --max-time 5 "$OA_BASE/metrics" || true)
+        for want in 'route="/v1/threads",status="201"' 'route="/v1/threads",status="403"'; do
+            grep -qF "$want" <<<"$m" || { log "the $name gateway saw no POST /v1/threads answered ${want##*=} (was the token sent?)"; ok=1; }
+        done
+    fi
     log "GET /v1/threads/{id}/events against the $name gateway"
     "$OA_VENV/bin/python" "$PWD_ROOT/scripts/openapi-events-check.py" "$PWD_ROOT/openapi/openapi.json" "$OA_BASE" $events_flag >&2 || ok=1
     if ! kill -0 "$OA_PID" 2>/dev/null; then
@@ -465,6 +477,15 @@ openapi_conformance() {
         --store "${THREADGATE_TEST_PG_URL}${sep}options=-c%20search_path%3D$schema" \
         --nats-url "$THREADGATE_TEST_NATS_URL" --nats-prefix "st$suffix"
     oa_check_gateway buffered-postgres --buffered || failed=1
+
+    # Authentication on: a tokens file; schemathesis and the events check use the scoped one.
+    local tokens="$WORK_DIR/st-tokens.txt"
+    OA_TOKEN="st-scoped-$suffix-0123456789"
+    printf '%s\n' "st-admin-$suffix-0123456789 admin" "$OA_TOKEN resource:st-tenant" >"$tokens"
+    chmod 600 "$tokens"
+    oa_start_gateway auth-memory --store memory: --auth-tokens "$tokens"
+    oa_check_gateway auth-memory "--token $OA_TOKEN" || failed=1
+    OA_TOKEN=""
     return $failed
 }
 

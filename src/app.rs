@@ -6,9 +6,12 @@
 //! this process can (buffered mode; whatever is left is folded by the next start-up's
 //! recovery); wait for background tasks; close the store's connections.
 
+use crate::auth::Authenticator;
 use crate::buffer::{BufferConfig, Buffered};
 use crate::config::{Config, LogFormat};
-use crate::http::{AppState, router};
+use crate::http::auth::Gate;
+use crate::http::edge::{HttpMetrics, RequestTimeout};
+use crate::http::{AppState, Edge, router};
 use crate::live::source::{LiveSource, LogSource, StoreSource};
 use crate::live::{Hub, LiveConfig};
 use crate::store::{DynStore, PgOptions};
@@ -141,6 +144,8 @@ async fn assemble(
     let live = LiveConfig {
         keepalive: config.sse_keepalive,
         channel_capacity: config.sse_buffer,
+        max_streams: config.max_streams,
+        max_streams_per_caller: config.max_streams_per_caller,
     };
     let parts = match &config.nats_url {
         Some(url) => {
@@ -176,11 +181,49 @@ async fn assemble(
     Ok(parts)
 }
 
+/// The HTTP edge's settings: authentication (a malformed tokens file or key stops start-up
+/// here, before any backend is opened), CORS, the request timeout and request metrics.
+fn edge(
+    config: &Config,
+    registry: &mut prometheus_client::registry::Registry,
+) -> anyhow::Result<Edge> {
+    let auth = Authenticator::from_config(&config.auth())?;
+    let loopback = config.listen.ip().is_loopback();
+    match (&auth, loopback) {
+        (None, true) => tracing::info!(
+            "authentication is off: every caller may read and write every thread (set \
+             --auth-tokens or a JWT key before exposing the gateway)"
+        ),
+        (None, false) => tracing::warn!(
+            listen = %config.listen,
+            "authentication is off on a non-loopback address: anyone who can reach it may \
+             read and write every thread; set --auth-tokens or a JWT key"
+        ),
+        (Some(_), _) => tracing::info!("authentication is on"),
+    }
+    let gate = Gate {
+        auth,
+        protect_metrics: config.protect_metrics,
+        protect_openapi: config.protect_openapi,
+        failures: Default::default(),
+    };
+    gate.register_metrics(registry);
+    let metrics = HttpMetrics::default();
+    metrics.register(registry);
+    Ok(Edge {
+        gate: Arc::new(gate),
+        cors: crate::http::edge::cors(&config.cors_origin)?,
+        timeout: RequestTimeout(config.request_timeout),
+        metrics: Arc::new(metrics),
+    })
+}
+
 /// Opens the backends, binds the listener and starts serving in the background.
 pub async fn start(config: &Config) -> anyhow::Result<Running> {
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
     let mut registry = prometheus_client::registry::Registry::default();
+    let edge = edge(config, &mut registry)?;
     let parts = match assemble(config, &shutdown, &tasks, &mut registry).await {
         Ok(parts) => parts,
         Err(e) => {
@@ -196,6 +239,8 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         metrics: Arc::new(registry),
         max_body: config.max_body,
         assets: crate::http::assets::Assets::new(config.static_dir.clone()),
+        delta_limits: config.delta_limits(),
+        edge: Arc::new(edge),
     };
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
@@ -282,11 +327,18 @@ fn redact(spec: &str) -> String {
     }
 }
 
-/// Installs the global tracing subscriber (`RUST_LOG` filters, default `info`).
+/// Installs the global tracing subscriber (`RUST_LOG` filters, default `info`). Logs go to
+/// stdout; text lines are coloured only when stdout is a terminal (and `NO_COLOR` is unset), so
+/// a log file, a pipe or a container's log collector never gets ANSI escape codes.
 pub fn init_tracing(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let colour = std::io::stdout().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(colour);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

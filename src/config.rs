@@ -177,6 +177,124 @@ pub struct Config {
     #[arg(long, env = "THREADGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// Static tokens file: one per line, `<token> admin` or `<token> resource:<resource_id>`
+    /// (blank lines and `#` comments ignored). Turns authentication on.
+    #[arg(long, env = "THREADGATE_AUTH_TOKENS", help_heading = "Authentication")]
+    pub auth_tokens: Option<std::path::PathBuf>,
+
+    /// HMAC secret for HS256 (HS384, HS512) JWTs, at least 32 bytes. Prefer the environment
+    /// variable: a command line is visible to other users of the machine. Turns
+    /// authentication on.
+    #[arg(
+        long,
+        env = "THREADGATE_JWT_SECRET",
+        hide_env_values = true,
+        help_heading = "Authentication"
+    )]
+    pub jwt_secret: Option<crate::auth::Secret>,
+
+    /// Public key for RS256/PS256/ES256/EdDSA JWTs: a PEM file, or a JWKS (JSON) file as
+    /// identity providers publish them (a token's `kid` picks the key). Turns authentication
+    /// on.
+    #[arg(
+        long,
+        env = "THREADGATE_JWT_PUBLIC_KEY",
+        help_heading = "Authentication"
+    )]
+    pub jwt_public_key: Option<std::path::PathBuf>,
+
+    /// Accepted JWT audience (`aud`); repeat the flag (or comma-separate the variable) for
+    /// several. When set, tokens must carry one of them.
+    #[arg(
+        long,
+        env = "THREADGATE_JWT_AUDIENCE",
+        value_delimiter = ',',
+        help_heading = "Authentication"
+    )]
+    pub jwt_audience: Vec<String>,
+
+    /// Accepted JWT issuer (`iss`); repeatable. When set, tokens must carry one of them.
+    #[arg(
+        long,
+        env = "THREADGATE_JWT_ISSUER",
+        value_delimiter = ',',
+        help_heading = "Authentication"
+    )]
+    pub jwt_issuer: Vec<String>,
+
+    /// The JWT claim whose value is the caller's resource_id.
+    #[arg(
+        long,
+        env = "THREADGATE_JWT_RESOURCE_CLAIM",
+        default_value = "sub",
+        help_heading = "Authentication"
+    )]
+    pub jwt_resource_claim: String,
+
+    /// Clock skew allowed when checking a JWT's `exp` and `nbf`.
+    #[arg(long, env = "THREADGATE_JWT_LEEWAY", default_value = "30s", value_parser = humantime::parse_duration, help_heading = "Authentication")]
+    pub jwt_leeway: std::time::Duration,
+
+    /// Name of a cookie that may carry the token on read (GET) requests, for browsers.
+    #[arg(long, env = "THREADGATE_AUTH_COOKIE", help_heading = "Authentication")]
+    pub auth_cookie: Option<String>,
+
+    /// Require an admin token for `/metrics` (default: open, like `/healthz`).
+    #[arg(
+        long,
+        env = "THREADGATE_PROTECT_METRICS",
+        help_heading = "Authentication"
+    )]
+    pub protect_metrics: bool,
+
+    /// Require a token for `/openapi.json` (default: open).
+    #[arg(
+        long,
+        env = "THREADGATE_PROTECT_OPENAPI",
+        help_heading = "Authentication"
+    )]
+    pub protect_openapi: bool,
+
+    /// Origin allowed to call the API from a browser (CORS), e.g. `https://app.example.com`;
+    /// repeat the flag (or comma-separate the variable) for several, or `*` for any origin
+    /// (then without cookies). Default: no cross-origin access.
+    #[arg(
+        long,
+        env = "THREADGATE_CORS_ORIGIN",
+        value_delimiter = ',',
+        help_heading = "HTTP"
+    )]
+    pub cors_origin: Vec<String>,
+
+    /// How long a request may take once it has fully arrived, before it is answered
+    /// `503 timeout` (event streams and `POST .../flush` are exempt: see the README).
+    #[arg(long, env = "THREADGATE_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_timeout, help_heading = "HTTP")]
+    pub request_timeout: std::time::Duration,
+
+    /// Most messages in one delta (`400 limit_exceeded` above).
+    #[arg(long, env = "THREADGATE_MAX_DELTA_MESSAGES", default_value_t = crate::model::limits::DEFAULT_MAX_DELTA_MESSAGES,
+        value_parser = parse_positive, help_heading = "Limits")]
+    pub max_delta_messages: usize,
+
+    /// Most patch ops in one delta, summed over its patches, and most patches
+    /// (`400 limit_exceeded` above).
+    #[arg(long, env = "THREADGATE_MAX_DELTA_OPS", default_value_t = crate::model::limits::DEFAULT_MAX_DELTA_OPS,
+        value_parser = parse_positive, help_heading = "Limits")]
+    pub max_delta_ops: usize,
+
+    /// Event streams open at once in this process (`429 too_many_streams` above). Keep it
+    /// below `--max-connections`, so streams never take every connection from REST calls.
+    #[arg(long, env = "THREADGATE_MAX_STREAMS", default_value_t = crate::live::DEFAULT_MAX_STREAMS,
+        value_parser = parse_positive, help_heading = "Limits")]
+    pub max_streams: usize,
+
+    /// Event streams one caller may hold open at once (`429 too_many_streams` above): per
+    /// resource_id for scoped credentials, per token for admin tokens (without authentication
+    /// nobody is identified, and only `--max-streams` applies).
+    #[arg(long, env = "THREADGATE_MAX_STREAMS_PER_CALLER", default_value_t = crate::live::DEFAULT_MAX_STREAMS_PER_CALLER,
+        value_parser = parse_positive, help_heading = "Limits")]
+    pub max_streams_per_caller: usize,
+
     /// A subcommand instead of serving.
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -234,6 +352,15 @@ impl Config {
     }
 }
 
+/// Parses a count of at least 1.
+pub fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Parses a positive duration such as `10s` or `1m30s`.
 pub fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
     match humantime::parse_duration(s) {
@@ -271,6 +398,28 @@ impl Config {
                 ca: self.nats_tls_ca.clone(),
                 client: self.nats_tls_cert.clone().zip(self.nats_tls_key.clone()),
             },
+        }
+    }
+
+    /// The authentication settings.
+    pub fn auth(&self) -> crate::auth::AuthConfig {
+        crate::auth::AuthConfig {
+            tokens_file: self.auth_tokens.clone(),
+            jwt_secret: self.jwt_secret.clone(),
+            jwt_public_key: self.jwt_public_key.clone(),
+            jwt_audience: self.jwt_audience.clone(),
+            jwt_issuer: self.jwt_issuer.clone(),
+            jwt_resource_claim: self.jwt_resource_claim.clone(),
+            jwt_leeway: self.jwt_leeway,
+            cookie: self.auth_cookie.clone(),
+        }
+    }
+
+    /// The per-delta limits.
+    pub fn delta_limits(&self) -> crate::model::limits::DeltaLimits {
+        crate::model::limits::DeltaLimits {
+            messages: self.max_delta_messages,
+            ops: self.max_delta_ops,
         }
     }
 

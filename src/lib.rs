@@ -50,6 +50,7 @@
 //! turns them into `application/problem+json` answers in [`http::error`].
 
 pub mod app;
+pub mod auth;
 pub mod buffer;
 pub mod config;
 pub mod http;

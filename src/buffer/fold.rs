@@ -29,6 +29,7 @@ const MAX_FOLD_BACKOFF: Duration = Duration::from_secs(30);
 impl Buffered {
     /// Folds the thread's buffered tail into the store, exactly once, then trims the log.
     pub async fn fold(&self, id: &ThreadId) -> Result<FoldReport> {
+        let started = std::time::Instant::now();
         let lock = self.fold_locks.get(id);
         let folded = {
             // Held only by a fold that keeps making progress (see the module docs).
@@ -38,6 +39,9 @@ impl Buffered {
         match &folded {
             Ok(r) => {
                 self.counters.folds.inc();
+                self.counters
+                    .fold_seconds
+                    .observe(started.elapsed().as_secs_f64());
                 self.counters.folded_entries.inc_by(r.applied);
                 self.log.notify_flushed(id, r.version).await;
             }
@@ -168,9 +172,14 @@ impl Buffered {
             };
             let buffered: std::collections::HashSet<&ThreadId> = threads.iter().collect();
             backoff.retain(|id, _| buffered.contains(id));
+            let mut pending = super::pending::PendingScan::default();
             for id in threads {
                 if shutdown.is_cancelled() {
                     return;
+                }
+                let last = self.log.last(&id).await;
+                if let Ok(Some(last)) = &last {
+                    pending.observe(&self, &id, last).await;
                 }
                 if backoff
                     .get(&id)
@@ -178,7 +187,7 @@ impl Buffered {
                 {
                     continue;
                 }
-                let idle = match self.log.last(&id).await {
+                let idle = match last {
                     Ok(Some(last)) => {
                         now_ms() - last.at >= self.fold_idle.as_millis() as i64
                             || last.body == Body::Deleted
@@ -200,6 +209,7 @@ impl Buffered {
                     }
                 }
             }
+            pending.publish(&self);
         }
     }
 }

@@ -13,6 +13,10 @@
 //!   idle threads, at start-up (recovery) and at shutdown; nothing needs a durable consumer,
 //!   so any number of folds on any number of replicas can overlap safely.
 //!
+//! A full save that moves a thread to another `resource_id` is folded before it is answered,
+//! like a `RunFinished`: scoped reads are checked against the owner the store holds, which so
+//! changes with the move (writes check the cached head, which a compare-and-set keeps exact).
+//!
 //! Retention: the stream keeps messages for [`log::MAX_AGE`] at most (a safety net, never
 //! the mechanism). Folded entries younger than two minutes are kept a little longer, so most
 //! `Idempotency-Key` retries find their original in the log; later ones (within JetStream's
@@ -20,8 +24,10 @@
 
 mod fold;
 pub mod log;
+mod pending;
 mod write;
 
+use crate::auth::Scope;
 use crate::id::ThreadId;
 use crate::model::{ChangeSet, Extra, Thread};
 use crate::store::record::Record;
@@ -30,9 +36,12 @@ use crate::write::{AppendOutcome, FoldReport, Result, WritePath};
 use async_trait::async_trait;
 use log::{Log, LogConfig};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use serde_json::Value;
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -61,7 +70,7 @@ pub struct BufferConfig {
 }
 
 /// Counters exported at `/metrics`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Counters {
     /// Writes published to the log.
     pub appends: Counter,
@@ -73,6 +82,28 @@ pub struct Counters {
     pub fold_failures: Counter,
     /// Appends retried after losing a compare-and-set.
     pub cas_retries: Counter,
+    /// How long completed folds took.
+    pub fold_seconds: Histogram,
+    /// Log entries above their thread's store watermark (see the `pending` module).
+    pub pending_entries: Gauge,
+    /// Age of the oldest of them, in seconds.
+    pub oldest_pending_seconds: Gauge<f64, AtomicU64>,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            appends: Counter::default(),
+            folds: Counter::default(),
+            folded_entries: Counter::default(),
+            fold_failures: Counter::default(),
+            cas_retries: Counter::default(),
+            // 1 ms to about 65 s.
+            fold_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
+            pending_entries: Gauge::default(),
+            oldest_pending_seconds: Gauge::default(),
+        }
+    }
 }
 
 /// The head of a thread as this process last saw it.
@@ -82,6 +113,9 @@ struct Head {
     seq: u64,
     version: u64,
     incarnation: Incarnation,
+    /// The thread's `resource_id` with every buffered entry applied: the owner a scoped
+    /// write is checked against (the compare-and-set publish proves it current).
+    resource_id: Option<String>,
     /// The current state with every buffered entry applied: validates the next delta.
     state: Value,
     /// Approximate bytes held, for the cache's budget.
@@ -206,6 +240,22 @@ impl Buffered {
         ] {
             registry.register(name, help, counter.clone());
         }
+        registry.register(
+            "threadgate_fold_duration_seconds",
+            "How long completed folds took",
+            c.fold_seconds.clone(),
+        );
+        registry.register(
+            "threadgate_buffered_pending_entries",
+            "Log entries not folded into the store yet (as of the last idle sweep)",
+            c.pending_entries.clone(),
+        );
+        registry.register(
+            "threadgate_buffered_oldest_pending_seconds",
+            "Age of the oldest log entry of a thread with unfolded entries (as of the last \
+             idle sweep; may overstate by up to --keep-folded)",
+            c.oldest_pending_seconds.clone(),
+        );
     }
 
     fn cached(&self, id: &ThreadId) -> Option<Arc<Head>> {
@@ -230,26 +280,42 @@ impl WritePath for Buffered {
 
     async fn append(
         &self,
+        scope: &Scope,
         id: &ThreadId,
         delta: ChangeSet,
         expect: Expect,
         idempotency: Option<&IdempotencyKey>,
     ) -> Result<AppendOutcome> {
-        self.append_delta(id, delta, expect, idempotency).await
+        self.append_delta(scope, id, delta, expect, idempotency)
+            .await
     }
 
-    async fn replace(&self, id: &ThreadId, thread: Thread, expect: Expect) -> Result<u64> {
-        let change = crate::store::Change::Replace(thread);
-        Ok(self.write(id, Some(change), expect, None).await?.version)
+    async fn replace(
+        &self,
+        scope: &Scope,
+        id: &ThreadId,
+        thread: Thread,
+        expect: Expect,
+    ) -> Result<u64> {
+        self.replace_thread(scope, id, thread, expect).await
     }
 
-    async fn patch_metadata(&self, id: &ThreadId, patch: Extra, expect: Expect) -> Result<u64> {
+    async fn patch_metadata(
+        &self,
+        scope: &Scope,
+        id: &ThreadId,
+        patch: Extra,
+        expect: Expect,
+    ) -> Result<u64> {
         let change = crate::store::Change::Metadata(patch);
-        Ok(self.write(id, Some(change), expect, None).await?.version)
+        Ok(self
+            .write(scope, id, Some(change), expect, None)
+            .await?
+            .version)
     }
 
-    async fn delete(&self, id: &ThreadId, expect: Expect) -> Result<()> {
-        self.delete_thread(id, expect).await
+    async fn delete(&self, scope: &Scope, id: &ThreadId, expect: Expect) -> Result<()> {
+        self.delete_thread(scope, id, expect).await
     }
 
     async fn flush(&self, id: &ThreadId) -> Result<FoldReport> {

@@ -9,6 +9,7 @@
 
 use super::log::{Body, LogEntry, PublishFailure};
 use super::{Buffered, Head, PAGE, approx_size};
+use crate::auth::Scope;
 use crate::id::ThreadId;
 use crate::model::{ChangeSet, Reason, Thread, plan_delta};
 use crate::store::record::Record;
@@ -39,6 +40,14 @@ fn next_state(state: &Value, change: &Change, id: &ThreadId) -> Result<Value> {
         }
         Change::Metadata(_) => state.clone(),
     })
+}
+
+/// The thread's `resource_id` after `change` (a full save sets it; other writes keep it).
+fn owner_after(before: &Option<String>, change: &Change) -> Option<String> {
+    match change {
+        Change::Replace(thread) => thread.resource_id.clone(),
+        _ => before.clone(),
+    }
 }
 
 /// The head's new weight after `change` produced `state`: exact after a state replacement,
@@ -89,6 +98,7 @@ impl Buffered {
                     seq: 0,
                     version: 0,
                     incarnation: snap.incarnation,
+                    resource_id: snap.thread.resource_id.clone(),
                     state,
                     weight,
                 }),
@@ -100,6 +110,7 @@ impl Buffered {
     /// Appends a delta; a `RunFinished` waits (bounded) for its run's fold.
     pub(super) async fn append_delta(
         &self,
+        scope: &Scope,
         id: &ThreadId,
         mut delta: ChangeSet,
         expect: Expect,
@@ -108,30 +119,64 @@ impl Buffered {
         delta.normalize();
         let finished = delta.reason == Reason::RunFinished;
         let appended = self
-            .write(id, Some(Change::Delta(delta)), expect, idempotency)
+            .write(scope, id, Some(Change::Delta(delta)), expect, idempotency)
             .await?;
         let flushed = if finished {
-            // Tracked and not awaited directly, so a fold that outlives the wait still
-            // completes instead of being dropped mid-page.
-            let (b, fold_id) = (self.handle(), id.clone());
-            let fold = self.tasks.spawn(async move {
-                match b.upgrade() {
-                    Some(b) => b.fold(&fold_id).await.ok(),
-                    None => None,
-                }
-            });
-            let fold = tokio::time::timeout(FOLD_ON_FINISH_TIMEOUT, fold).await;
-            Some(matches!(fold, Ok(Ok(Some(r))) if r.version >= appended.version))
+            Some(self.fold_through(id, appended.version).await)
         } else {
             None
         };
         Ok(AppendOutcome { appended, flushed })
     }
 
+    /// Folds the thread, waiting at most [`FOLD_ON_FINISH_TIMEOUT`]; whether the store then
+    /// holds `version`. The fold is tracked and not awaited directly, so one that outlives the
+    /// wait still completes instead of being dropped mid-page (the sweeper retries a failure).
+    async fn fold_through(&self, id: &ThreadId, version: u64) -> bool {
+        let (b, fold_id) = (self.handle(), id.clone());
+        let fold = self.tasks.spawn(async move {
+            match b.upgrade() {
+                Some(b) => b.fold(&fold_id).await.ok(),
+                None => None,
+            }
+        });
+        let fold = tokio::time::timeout(FOLD_ON_FINISH_TIMEOUT, fold).await;
+        matches!(fold, Ok(Ok(Some(r))) if r.version >= version)
+    }
+
+    /// A full save. One that moves the thread to another resource_id is folded before it is
+    /// answered (bounded like a `RunFinished`), so the store, which scoped reads are checked
+    /// against, names the new owner at once.
+    pub(super) async fn replace_thread(
+        &self,
+        scope: &Scope,
+        id: &ThreadId,
+        thread: Thread,
+        expect: Expect,
+    ) -> Result<u64> {
+        let to = thread.resource_id.clone();
+        let version = self
+            .write(scope, id, Some(Change::Replace(thread)), expect, None)
+            .await?
+            .version;
+        match self.store.owner(id).await {
+            Ok(stored) if stored.resource_id == to => {}
+            _ => {
+                self.fold_through(id, version).await;
+            }
+        }
+        Ok(version)
+    }
+
     /// Deletes a thread: a tombstone in the log (so racing appends see it), then the store,
     /// then the whole subject.
-    pub(super) async fn delete_thread(&self, id: &ThreadId, expect: Expect) -> Result<()> {
-        self.write(id, None, expect, None).await?;
+    pub(super) async fn delete_thread(
+        &self,
+        scope: &Scope,
+        id: &ThreadId,
+        expect: Expect,
+    ) -> Result<()> {
+        self.write(scope, id, None, expect, None).await?;
         match self.store.delete(id, Expect::Any).await {
             Ok(()) | Err(StoreError::NotFound) => {}
             Err(e) => return Err(e.into()),
@@ -183,6 +228,7 @@ impl Buffered {
                 let Ok(state) = next_state(&head.state, change, id) else {
                     return Ok(None);
                 };
+                head.resource_id = owner_after(&head.resource_id, change);
                 head.weight = weigh(head.weight, change, &state);
                 head.state = state;
                 head.version = e.version;
@@ -200,11 +246,15 @@ impl Buffered {
                 return Err(StoreError::NotFound.into());
             }
             let stored = self.store.state(id).await?;
+            // Read after the state: a fold that commits in between moved only entries the log
+            // walk below applies again (or, trimmed, shows up as a gap and a retry).
+            let resource_id = self.store.owner(id).await?.resource_id;
             let target = last.as_ref().map_or(0, |l| l.version).max(stored.version);
             let mut head = Head {
                 seq: 0,
                 version: stored.version,
                 incarnation: stored.incarnation,
+                resource_id,
                 weight: approx_size(&stored.state),
                 state: stored.state,
             };
@@ -227,6 +277,7 @@ impl Buffered {
                             break 'pages;
                         }
                         let state = next_state(&head.state, change, id)?;
+                        head.resource_id = owner_after(&head.resource_id, change);
                         head.weight = weigh(head.weight, change, &state);
                         head.state = state;
                         head.version = e.version;
@@ -246,9 +297,12 @@ impl Buffered {
     }
 
     /// Publishes `change` (a tombstone when `None`) as the thread's next version with a
-    /// compare-and-set on the subject.
+    /// compare-and-set on the subject. A thread that is not the scope's is `NotFound`, judged on
+    /// a fresh head before it is refused (so a stale cache never refuses wrongly) and on the
+    /// head the compare-and-set proves current before it is accepted.
     pub(super) async fn write(
         &self,
+        scope: &Scope,
         id: &ThreadId,
         change: Option<Change>,
         expect: Expect,
@@ -269,6 +323,13 @@ impl Buffered {
         let mut fresh = false;
         for _ in 0..MAX_CAS_ATTEMPTS {
             let head = self.head(id, fresh).await?;
+            if !scope.admits(head.resource_id.as_deref()) {
+                if !fresh {
+                    fresh = true;
+                    continue;
+                }
+                return Err(StoreError::NotFound.into());
+            }
             if let Err(e) = expect.check(head.version) {
                 if fresh {
                     // A retry of a write that already landed moved the version itself: the
@@ -312,6 +373,7 @@ impl Buffered {
                                 seq: p.seq,
                                 version,
                                 incarnation: head.incarnation,
+                                resource_id: owner_after(&head.resource_id, change),
                                 weight: weigh(head.weight, change, &state),
                                 state,
                             }),

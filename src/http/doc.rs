@@ -8,6 +8,7 @@
 
 use utoipa::IntoParams;
 use utoipa::openapi::path::Operation;
+use utoipa::openapi::security::{SecurityRequirement, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, OpenApi, Ref, ResponseBuilder};
 
 /// The `{id}` path parameter. Its pattern is the id rule of `crate::id` (no control character
@@ -109,9 +110,35 @@ pub struct LastEventIdParam {
 ///
 /// It also registers `405 method_not_allowed` as a reusable response: any path answers it for
 /// a method it does not list.
+///
+/// And it describes authentication: the security schemes (a bearer token in
+/// `Authorization`; on `GET` also `access_token` in the query or the auth cookie), which
+/// operations need one (every `/v1/` operation: `401 unauthorized` without a valid one;
+/// `/metrics` and `/openapi.json` only when so configured; the probes never), and the `403`
+/// of the writes that name a `resource_id` and the `429` of the event stream.
 pub struct CommonResponses;
 
-const ERRORS: [(&str, &str); 7] = [
+/// The name the OpenAPI document gives the auth cookie (the gateway's is `--auth-cookie`).
+pub const DOC_COOKIE_NAME: &str = "threadgate_token";
+
+const ERRORS: [(&str, &str); 10] = [
+    (
+        "401",
+        "`unauthorized`: no credential, or one that is not valid (unknown token, expired or \
+         not yet valid JWT, wrong audience, issuer or signature); `WWW-Authenticate: Bearer` \
+         says which. Only when the gateway runs with authentication",
+    ),
+    (
+        "403",
+        "`forbidden`: the credential may not do this (a scoped credential naming another \
+         `resource_id`, or a non-admin token on an admin endpoint)",
+    ),
+    (
+        "429",
+        "`too_many_streams`: the caller (`--max-streams-per-caller`) or the gateway \
+         (`--max-streams`) has as many event streams open as allowed; retry later \
+         (`Retry-After`)",
+    ),
     (
         "400",
         "Bad request: `invalid_id`, `invalid_query`, `invalid_header`, or for a body \
@@ -138,7 +165,8 @@ const ERRORS: [(&str, &str); 7] = [
     (
         "503",
         "`unavailable`: the snapshot store or NATS is unreachable; nothing was changed, retry \
-         (`Retry-After`)",
+         (`Retry-After`). Or `timeout`: the request took longer than `--request-timeout`; a \
+         write may have been applied, retry it (an append with the same `Idempotency-Key`)",
     ),
 ];
 
@@ -166,20 +194,97 @@ fn add(op: &mut Operation, code: &str) {
         .or_insert_with(|| problem_response(description).into());
 }
 
+/// The credentials an operation accepts: a bearer token always; on reads also the query
+/// parameter and the cookie.
+fn credentials(read: bool) -> Vec<SecurityRequirement> {
+    let mut out = vec![SecurityRequirement::new("bearer", Vec::<String>::new())];
+    if read {
+        out.push(SecurityRequirement::new(
+            "access_token",
+            Vec::<String>::new(),
+        ));
+        out.push(SecurityRequirement::new("cookie", Vec::<String>::new()));
+    }
+    out
+}
+
+fn security_schemes(components: &mut utoipa::openapi::Components) {
+    use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder};
+    components.add_security_scheme(
+        "bearer",
+        SecurityScheme::Http(
+            HttpBuilder::new()
+                .scheme(HttpAuthScheme::Bearer)
+                .bearer_format("static token or JWT")
+                .description(Some(
+                    "`Authorization: Bearer <token>`: a static token from `--auth-tokens` \
+                     (`admin`, or scoped to one `resource_id`), or a JWT verified with \
+                     `--jwt-secret` / `--jwt-public-key` whose `--jwt-resource-claim` (default \
+                     `sub`) is the caller's resource_id. A scoped caller sees only threads \
+                     whose `resource_id` is its own; any other thread is `404`.",
+                ))
+                .build(),
+        ),
+    );
+    components.add_security_scheme(
+        "access_token",
+        SecurityScheme::ApiKey(ApiKey::Query(ApiKeyValue::with_description(
+            super::auth::ACCESS_TOKEN_PARAM,
+            "The token as a query parameter, on GET requests only (for `EventSource`, which \
+             cannot send headers). It ends up in the access logs of proxies: prefer \
+             short-lived tokens.",
+        ))),
+    );
+    components.add_security_scheme(
+        "cookie",
+        SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::with_description(
+            DOC_COOKIE_NAME,
+            "The token in a cookie, on GET requests only; the gateway's cookie name is \
+             `--auth-cookie` (this document calls it `threadgate_token`).",
+        ))),
+    );
+}
+
 impl utoipa::Modify for CommonResponses {
     fn modify(&self, doc: &mut OpenApi) {
         for (path, item) in doc.paths.paths.iter_mut() {
-            if !path.starts_with("/v1/") {
-                continue;
+            match path.as_str() {
+                "/healthz" | "/readyz" => {
+                    for op in [&mut item.get].into_iter().flatten() {
+                        op.security = Some(vec![SecurityRequirement::default()]);
+                    }
+                    continue;
+                }
+                "/metrics" | "/openapi.json" => {
+                    for op in [&mut item.get].into_iter().flatten() {
+                        // Open by default; a credential when configured.
+                        let mut any = vec![SecurityRequirement::default()];
+                        any.extend(credentials(true));
+                        op.security = Some(any);
+                        add(op, "401");
+                        if path == "/metrics" {
+                            add(op, "403");
+                        }
+                    }
+                    continue;
+                }
+                p if !p.starts_with("/v1/") => continue,
+                _ => {}
             }
             let ops = [
-                &mut item.get,
-                &mut item.put,
-                &mut item.post,
-                &mut item.delete,
-                &mut item.patch,
+                (&mut item.get, true),
+                (&mut item.put, false),
+                (&mut item.post, false),
+                (&mut item.delete, false),
+                (&mut item.patch, false),
             ];
-            for op in ops.into_iter().flatten() {
+            for (op, read) in ops {
+                let Some(op) = op else { continue };
+                op.security = Some(credentials(read));
+                add(op, "401");
+                if path.ends_with("/events") {
+                    add(op, "429");
+                }
                 use utoipa::openapi::path::ParameterIn;
                 let params = op.parameters.as_deref().unwrap_or_default();
                 let has_query = params
@@ -204,7 +309,17 @@ impl utoipa::Modify for CommonResponses {
                 add(op, "503");
             }
         }
+        for (path, method) in [("/v1/threads", "post"), ("/v1/threads/{id}", "put")] {
+            let op = doc.paths.paths.get_mut(path).and_then(|item| match method {
+                "post" => item.post.as_mut(),
+                _ => item.put.as_mut(),
+            });
+            if let Some(op) = op {
+                add(op, "403");
+            }
+        }
         let components = doc.components.get_or_insert_with(Default::default);
+        security_schemes(components);
         components.responses.insert(
             "MethodNotAllowed".to_owned(),
             problem_response(

@@ -55,6 +55,24 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("{0} is unavailable; retry later")]
     Unavailable(&'static str),
+    /// A missing or refused credential (`401`, with `WWW-Authenticate: Bearer`).
+    #[error("{0}")]
+    Unauthorized(crate::auth::AuthError),
+    /// A valid credential that may not do this (`403`).
+    #[error("{message}")]
+    Forbidden {
+        field: Option<String>,
+        message: String,
+    },
+    /// An event stream over a stream limit (`429`).
+    #[error("{0}; retry later")]
+    TooManyStreams(crate::live::TooManyStreams),
+    /// The request took longer than `--request-timeout` once it had arrived (`503`).
+    #[error(
+        "the request took longer than {0:?}; a write may or may not have been applied: retry \
+         it (with the same Idempotency-Key for an append)"
+    )]
+    Timeout(std::time::Duration),
     #[error("{0}")]
     FoldBlocked(String),
     #[error("internal error")]
@@ -99,7 +117,10 @@ impl ApiError {
             PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Unavailable(_) | Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Forbidden { .. } => StatusCode::FORBIDDEN,
+            TooManyStreams(_) => StatusCode::TOO_MANY_REQUESTS,
             FoldBlocked(_) | Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -125,6 +146,10 @@ impl ApiError {
             UnsupportedMediaType => "unsupported_media_type",
             MethodNotAllowed => "method_not_allowed",
             Unavailable(_) => "unavailable",
+            Unauthorized(_) => "unauthorized",
+            Forbidden { .. } => "forbidden",
+            TooManyStreams(_) => "too_many_streams",
+            Timeout(_) => "timeout",
             FoldBlocked(_) => "fold_blocked",
             Internal(_) => "internal",
         }
@@ -140,6 +165,7 @@ impl ApiError {
             | LimitExceeded { field, .. }
             | InvalidQuery { field, .. } => Some(field.clone()),
             InvalidHeader { header, .. } => Some(header.to_string()),
+            Forbidden { field, .. } => field.clone(),
             _ => None,
         }
     }
@@ -200,7 +226,26 @@ impl From<crate::write::Error> for ApiError {
             Error::TooLarge { limit, .. } => ApiError::PayloadTooLarge { limit },
             Error::FoldBlocked(why) => ApiError::FoldBlocked(why),
             Error::IdempotencyKeyExpired => ApiError::IdempotencyKeyExpired,
+            Error::Forbidden(f) => ApiError::Forbidden {
+                field: Some("resource_id".into()),
+                message: f.to_string(),
+            },
         }
+    }
+}
+
+impl From<crate::model::limits::LimitError> for ApiError {
+    fn from(e: crate::model::limits::LimitError) -> Self {
+        ApiError::LimitExceeded {
+            field: e.field,
+            message: e.message,
+        }
+    }
+}
+
+impl From<crate::live::TooManyStreams> for ApiError {
+    fn from(e: crate::live::TooManyStreams) -> Self {
+        ApiError::TooManyStreams(e)
     }
 }
 
@@ -216,9 +261,17 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        if matches!(self, ApiError::Unavailable(_)) {
-            res.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        match &self {
+            ApiError::Unavailable(_) | ApiError::Timeout(_) => {
+                res.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ApiError::TooManyStreams(_) => {
+                res.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("10"));
+            }
+            ApiError::Unauthorized(e) => super::auth::challenge(&mut res, e),
+            _ => {}
         }
         res
     }

@@ -12,6 +12,8 @@
 use super::AppState;
 use super::error::{ApiError, Problem};
 use super::extract::{MAX_VERSION, PathId, QueryParams};
+use crate::auth::Caller;
+use crate::live::Position;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderValue, header, request::Parts};
@@ -54,25 +56,46 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for LastEventId {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
-        let Some(v) = parts.headers.get("last-event-id") else {
-            return Ok(LastEventId(None));
-        };
-        let s = v.to_str().unwrap_or("\u{0}").trim();
-        if s.is_empty() {
-            return Ok(LastEventId(None));
-        }
-        // Digits only: `str::parse` would also take a sign, which no event id has.
-        s.bytes()
-            .all(|b| b.is_ascii_digit())
-            .then(|| s.parse().ok())
-            .flatten()
-            .filter(|v| *v <= MAX_VERSION)
-            .map(|v| LastEventId(Some(v)))
-            .ok_or_else(|| ApiError::InvalidHeader {
-                header: "Last-Event-ID",
-                message: "must be a version (an event id sent by this stream)".into(),
-            })
+        parse_last_event_id(parts.headers.get("last-event-id")).map(LastEventId)
     }
+}
+
+/// A `Last-Event-ID` value: a version (decimal digits, at most [`MAX_VERSION`]); empty or
+/// absent means none.
+pub fn parse_last_event_id(value: Option<&HeaderValue>) -> Result<Option<u64>, ApiError> {
+    let Some(v) = value else {
+        return Ok(None);
+    };
+    let s = v.to_str().unwrap_or("\u{0}").trim();
+    if s.is_empty() {
+        return Ok(None);
+    }
+    // Digits only: `str::parse` would also take a sign, which no event id has.
+    s.bytes()
+        .all(|b| b.is_ascii_digit())
+        .then(|| s.parse().ok())
+        .flatten()
+        .filter(|v| *v <= MAX_VERSION)
+        .map(Some)
+        .ok_or_else(|| ApiError::InvalidHeader {
+            header: "Last-Event-ID",
+            message: "must be a version (an event id sent by this stream)".into(),
+        })
+}
+
+/// The stream's position from `after` and `Last-Event-ID`: the later of the two (see the
+/// module docs); an `after` above [`MAX_VERSION`] is `400 invalid_query`.
+pub fn position(after: Option<u64>, last_event_id: Option<u64>) -> Result<Option<u64>, ApiError> {
+    if after.is_some_and(|a| a > MAX_VERSION) {
+        return Err(ApiError::InvalidQuery {
+            field: "after".into(),
+            message: format!("must be a version, at most {MAX_VERSION}"),
+        });
+    }
+    Ok(match (after, last_event_id) {
+        (Some(a), Some(l)) => Some(a.max(l)),
+        (a, l) => a.or(l),
+    })
 }
 
 /// The stream's description in the OpenAPI document.
@@ -99,28 +122,23 @@ deleted, the client leaves, or the server shuts down.";
         (status = 503, body = Problem, content_type = "application/problem+json")))]
 pub async fn events(
     State(app): State<AppState>,
+    caller: Caller,
     PathId(id): PathId,
     QueryParams(p): QueryParams<EventsParams>,
     LastEventId(last): LastEventId,
 ) -> Result<Response, ApiError> {
-    if p.after.is_some_and(|a| a > MAX_VERSION) {
-        return Err(ApiError::InvalidQuery {
-            field: "after".into(),
-            message: format!("must be a version, at most {MAX_VERSION}"),
-        });
-    }
-    let cursor = match (p.after, last) {
-        (Some(a), Some(l)) => Some(a.max(l)),
-        (a, l) => a.or(l),
+    let cursor = position(p.after, last)?;
+    // Admission first: a refused stream costs no backend work.
+    let permit = app.hub.admit(caller.key.clone())?;
+    app.threads.guard(&caller.scope, &id).await?;
+    let position = Position {
+        cursor,
+        snapshot: p.snapshot.unwrap_or(false),
+        incarnation: p.incarnation,
     };
     let stream = app
         .hub
-        .open(
-            id.clone(),
-            cursor,
-            p.snapshot.unwrap_or(false),
-            p.incarnation,
-        )
+        .open(id.clone(), position, caller.scope, permit)
         .await?;
     // Read after the stream is attached: a fold that commits later is announced by a
     // `flushed` event, one that committed earlier is in this version, so a client that

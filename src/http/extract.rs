@@ -205,15 +205,17 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryParams<T>
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
-        let query = parts.uri.query().unwrap_or("");
-        let de = serde_urlencoded::Deserializer::new(form_urlencoded_parse(query));
-        serde_path_to_error::deserialize(de)
-            .map(QueryParams)
-            .map_err(|e| ApiError::InvalidQuery {
-                field: e.path().to_string(),
-                message: e.into_inner().to_string(),
-            })
+        parse_query(parts.uri.query().unwrap_or("")).map(QueryParams)
     }
+}
+
+/// Parses a query string into `T`, naming the parameter at fault.
+pub fn parse_query<T: DeserializeOwned>(query: &str) -> Result<T, ApiError> {
+    let de = serde_urlencoded::Deserializer::new(form_urlencoded_parse(query));
+    serde_path_to_error::deserialize(de).map_err(|e| ApiError::InvalidQuery {
+        field: e.path().to_string(),
+        message: e.into_inner().to_string(),
+    })
 }
 
 fn form_urlencoded_parse(q: &str) -> form_urlencoded::Parse<'_> {
@@ -264,28 +266,33 @@ impl<S: Send + Sync> FromRequestParts<S> for IfMatch {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
-        let mut values = parts.headers.get_all(header::IF_MATCH).iter();
-        let Some(v) = values.next() else {
-            return Ok(IfMatch(Expect::Any));
-        };
-        let bad = || ApiError::InvalidHeader {
-            header: "If-Match",
-            message: "must be one strong entity tag holding a version, as sent in ETag \
-                      (e.g. \"3\"), or *; weak tags (W/), lists and unquoted values are not \
-                      accepted"
-                .into(),
-        };
-        if values.next().is_some() {
-            return Err(bad());
-        }
-        let s = v.to_str().map_err(|_| bad())?.trim();
-        if s == "*" {
-            return Ok(IfMatch(Expect::Any));
-        }
-        parse_strong_version_tag(s)
-            .map(|v| IfMatch(Expect::Exact(v)))
-            .ok_or_else(bad)
+        parse_if_match(&parts.headers).map(IfMatch)
     }
+}
+
+/// The write precondition of a request's `If-Match` header(s) (see [`IfMatch`]).
+pub fn parse_if_match(headers: &HeaderMap) -> Result<Expect, ApiError> {
+    let mut values = headers.get_all(header::IF_MATCH).iter();
+    let Some(v) = values.next() else {
+        return Ok(Expect::Any);
+    };
+    let bad = || ApiError::InvalidHeader {
+        header: "If-Match",
+        message: "must be one strong entity tag holding a version, as sent in ETag \
+                  (e.g. \"3\"), or *; weak tags (W/), lists and unquoted values are not \
+                  accepted"
+            .into(),
+    };
+    if values.next().is_some() {
+        return Err(bad());
+    }
+    let s = v.to_str().map_err(|_| bad())?.trim();
+    if s == "*" {
+        return Ok(Expect::Any);
+    }
+    parse_strong_version_tag(s)
+        .map(Expect::Exact)
+        .ok_or_else(bad)
 }
 
 /// `If-None-Match`: the versions the client already has (`*` matches any).

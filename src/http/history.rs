@@ -10,6 +10,7 @@ use super::AppState;
 use super::doc::ThreadIdParam;
 use super::error::{ApiError, Problem};
 use super::extract::{PathId, QueryParams};
+use crate::auth::Caller;
 use crate::model::{ChangeSet, Extra, Thread};
 use crate::store::Change;
 use axum::Json;
@@ -79,6 +80,7 @@ pub struct HistoryPage {
         (status = 503, body = Problem, content_type = "application/problem+json")))]
 pub async fn history(
     State(app): State<AppState>,
+    caller: Caller,
     PathId(id): PathId,
     QueryParams(p): QueryParams<HistoryParams>,
 ) -> Result<Json<HistoryPage>, ApiError> {
@@ -92,7 +94,11 @@ pub async fn history(
         }
     };
     let after = p.after.unwrap_or(0);
-    let found = app.hub.writes_after(&id, after, limit).await?;
+    app.threads.guard(&caller.scope, &id).await?;
+    let found = app
+        .hub
+        .writes_after(&id, after, limit, &caller.scope)
+        .await?;
     let entries: Vec<HistoryEntry> = found
         .writes
         .into_iter()

@@ -5,6 +5,7 @@ use super::AppState;
 use super::error::{ApiError, Problem};
 use super::extract::QueryParams;
 use super::threads::limit;
+use crate::auth::Caller;
 use crate::id::ThreadId;
 use crate::store::{ListCursor, ListOrderBy, ListQuery, Order, ThreadSummary};
 use axum::Json;
@@ -47,6 +48,7 @@ pub struct ListParams {
     responses((status = 200, body = ThreadList), (status = 400, body = Problem, content_type = "application/problem+json")))]
 pub async fn list(
     State(app): State<AppState>,
+    caller: Caller,
     QueryParams(p): QueryParams<ListParams>,
 ) -> Result<Json<ThreadList>, ApiError> {
     let order_by = p.order_by.unwrap_or_default();
@@ -68,7 +70,7 @@ pub async fn list(
         after,
         limit: limit(p.limit)?,
     };
-    let page = app.threads.list(&q).await?;
+    let page = app.threads.list(&caller.scope, &q).await?;
     let next_cursor = page
         .has_more
         .then(|| page.threads.last())

@@ -4,7 +4,9 @@
 //! shape the answer. All errors go through [`error::ApiError`].
 
 pub mod assets;
+pub mod auth;
 pub mod doc;
+pub mod edge;
 pub mod error;
 pub mod events;
 pub mod extract;
@@ -14,8 +16,10 @@ pub mod serve;
 pub mod threads;
 
 use crate::live::Hub;
+use crate::model::limits::DeltaLimits;
 use crate::write::Threads;
 use axum::Router;
+use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use doc::CommonResponses;
@@ -38,6 +42,34 @@ pub struct AppState {
     pub max_body: usize,
     /// The viewer page and browser module (`/`, `/static/...`).
     pub assets: assets::Assets,
+    /// Per-delta limits.
+    pub delta_limits: DeltaLimits,
+    /// Authentication, CORS, the request timeout and request metrics.
+    pub edge: Arc<Edge>,
+}
+
+/// The settings of the layers around the routes (see [`edge`] and [`auth`]).
+pub struct Edge {
+    /// Authentication.
+    pub gate: Arc<auth::Gate>,
+    /// CORS, when `--cors-origin` allows any origin.
+    pub cors: Option<tower_http::cors::CorsLayer>,
+    /// `--request-timeout`.
+    pub timeout: edge::RequestTimeout,
+    /// Request counts and latencies.
+    pub metrics: Arc<edge::HttpMetrics>,
+}
+
+impl Edge {
+    /// No authentication, no CORS, the default timeout (for tests and tools).
+    pub fn open() -> Self {
+        Edge {
+            gate: Arc::new(auth::Gate::open()),
+            cors: None,
+            timeout: edge::RequestTimeout(std::time::Duration::from_secs(30)),
+            metrics: Arc::default(),
+        }
+    }
 }
 
 #[derive(OpenApi)]
@@ -45,7 +77,12 @@ pub struct AppState {
     info(title = "threadgate", description = "HTTP REST + SSE gateway for AI-agent conversation threads (tirea 0.5 wire format). \
 Errors are `application/problem+json` (RFC 9457) with a stable `code`. Besides the answers listed per operation, \
 any path answers `405 method_not_allowed` for a method it does not list (`#/components/responses/MethodNotAllowed`), \
-and an unknown path `404 not_found`."),
+and an unknown path `404 not_found`. \
+Authentication: a gateway started with `--auth-tokens` or a JWT key (`--jwt-secret`, `--jwt-public-key`) needs a credential \
+(see the security schemes) on every `/v1/` operation, and answers `401 unauthorized` without a valid one; without those flags \
+no credential is needed and every caller may do everything. A credential scoped to a `resource_id` sees only the threads \
+with that `resource_id` (any other thread answers `404`, exactly like a missing one), lists only those, and may not create \
+or save a thread with another `resource_id` (`403`; one left out is filled in)."),
     paths(
         threads::create, list::list, threads::get, threads::replace, threads::patch_metadata,
         threads::delete, threads::append, threads::messages, threads::state, threads::runs,
@@ -68,9 +105,12 @@ pub fn openapi_json() -> String {
     s
 }
 
+/// The routes with their layers, outermost first: CORS (answers preflights before anything
+/// else), the request span, request metrics, compression, authentication, the request timeout.
 pub fn router(state: AppState) -> Router {
     use axum::routing::post;
-    Router::new()
+    let edge = state.edge.clone();
+    let routes = Router::new()
         .route("/v1/threads", get(list::list).post(threads::create))
         .route(
             "/v1/threads/{id}",
@@ -97,8 +137,16 @@ pub fn router(state: AppState) -> Router {
         .route("/static/{*path}", get(assets::file))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(TraceLayer::new_for_http())
-        .with_state(state)
+        .layer(from_fn_with_state(edge.timeout, edge::timeout))
+        .layer(from_fn_with_state(edge.gate.clone(), auth::authenticate))
+        .layer(edge::compression())
+        .layer(from_fn_with_state(edge.metrics.clone(), edge::track))
+        .layer(TraceLayer::new_for_http().make_span_with(edge::RequestSpan))
+        .with_state(state);
+    match &edge.cors {
+        Some(cors) => routes.layer(cors.clone()),
+        None => routes,
+    }
 }
 
 #[derive(Debug, Serialize, serde::Deserialize, ToSchema)]

@@ -8,6 +8,7 @@ use super::error::{ApiError, Problem};
 use super::extract::{
     IdempotencyHeader, IfMatch, IfNoneMatch, JsonBody, PathId, PathRunId, QueryParams,
 };
+use crate::auth::Caller;
 use crate::id::ThreadId;
 use crate::model::{ChangeSet, Extra, Message, Thread, TrackedPatch};
 use crate::store::{MessageQuery, Order, RunRecord, VisibilityFilter};
@@ -219,6 +220,7 @@ fn location(id: &ThreadId) -> String {
         (status = 415, body = Problem, content_type = "application/problem+json")))]
 pub async fn create(
     State(app): State<AppState>,
+    caller: Caller,
     JsonBody { value: body, .. }: JsonBody<CreateThread>,
 ) -> Result<Response, ApiError> {
     let id = match &body.id {
@@ -236,7 +238,8 @@ pub async fn create(
         patches: body.patches.unwrap_or_default(),
         metadata: body.metadata.unwrap_or_default(),
     };
-    let snap = app.threads.create(&id, thread).await?;
+    crate::model::limits::check_thread(&thread)?;
+    let snap = app.threads.create(&caller.scope, &id, thread).await?;
     let view = ThreadView::of(&snap);
     Ok((
         StatusCode::CREATED,
@@ -259,16 +262,17 @@ pub async fn create(
         (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub async fn get(
     State(app): State<AppState>,
+    caller: Caller,
     PathId(id): PathId,
     QueryParams(p): QueryParams<ViewParams>,
     inm: IfNoneMatch,
 ) -> Result<Response, ApiError> {
     let view = p.view.unwrap_or_default();
-    let current = app.threads.version(&id, view).await?;
+    let current = app.threads.version(&caller.scope, &id, view).await?;
     if inm.matches(current) {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag(current))]).into_response());
     }
-    let snap = app.threads.get(&id, view).await?;
+    let snap = app.threads.get(&caller.scope, &id, view).await?;
     let view = ThreadView::of(&snap);
     Ok(with_etag(view.version, Json(view)))
 }
@@ -279,6 +283,7 @@ pub async fn get(
         (status = 404, body = Problem, content_type = "application/problem+json"), (status = 412, body = Problem, content_type = "application/problem+json")))]
 pub async fn replace(
     State(app): State<AppState>,
+    caller: Caller,
     PathId(id): PathId,
     IfMatch(expect): IfMatch,
     JsonBody { value: body, .. }: JsonBody<ReplaceThread>,
@@ -300,7 +305,11 @@ pub async fn replace(
         patches: body.patches,
         metadata: body.metadata,
     };
-    let version = app.threads.replace(&id, thread, expect).await?;
+    crate::model::limits::check_thread(&thread)?;
+    let version = app
+        .threads
+        .replace(&caller.scope, &id, thread, expect)
+        .await?;
     Ok(with_etag(version, Json(VersionBody { version })))
 }
 
@@ -311,11 +320,15 @@ pub async fn replace(
         (status = 404, body = Problem, content_type = "application/problem+json"), (status = 412, body = Problem, content_type = "application/problem+json")))]
 pub async fn patch_metadata(
     State(app): State<AppState>,
+    caller: Caller,
     PathId(id): PathId,
     IfMatch(expect): IfMatch,
     JsonBody { value: patch, .. }: JsonBody<Extra>,
 ) -> Result<Response, ApiError> {
-    let version = app.threads.patch_metadata(&id, patch, expect).await?;
+    let version = app
+        .threads
+        .patch_metadata(&caller.scope, &id, patch, expect)
+        .await?;
     Ok(with_etag(version, Json(VersionBody { version })))
 }
 
@@ -325,10 +338,11 @@ pub async fn patch_metadata(
         (status = 412, body = Problem, content_type = "application/problem+json")))]
 pub async fn delete(
     State(app): State<AppState>,
+    caller: Caller,
     PathId(id): PathId,
     IfMatch(expect): IfMatch,
 ) -> Result<StatusCode, ApiError> {
-    app.threads.delete(&id, expect).await?;
+    app.threads.delete(&caller.scope, &id, expect).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -342,6 +356,7 @@ pub async fn delete(
         (status = 503, body = Problem, content_type = "application/problem+json")))]
 pub async fn append(
     State(app): State<AppState>,
+    caller: Caller,
     PathId(id): PathId,
     IfMatch(expect): IfMatch,
     idem: IdempotencyHeader,
@@ -350,8 +365,13 @@ pub async fn append(
         bytes,
     }: JsonBody<ChangeSet>,
 ) -> Result<Response, ApiError> {
+    super::edge::record_run_id(&delta.run_id);
+    crate::model::limits::check_delta(&delta, &app.delta_limits)?;
     let key = idem.with_body(&bytes);
-    let out = app.threads.append(&id, delta, expect, key.as_ref()).await?;
+    let out = app
+        .threads
+        .append(&caller.scope, &id, delta, expect, key.as_ref())
+        .await?;
     let body = AppendBody {
         version: out.appended.version,
         flushed: out.flushed,
@@ -370,6 +390,7 @@ pub async fn append(
         (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub async fn messages(
     State(app): State<AppState>,
+    caller: Caller,
     PathId(id): PathId,
     QueryParams(p): QueryParams<MessageParams>,
 ) -> Result<Response, ApiError> {
@@ -383,7 +404,7 @@ pub async fn messages(
     };
     let page = app
         .threads
-        .messages(&id, &q, p.view.unwrap_or_default())
+        .messages(&caller.scope, &id, &q, p.view.unwrap_or_default())
         .await?;
     let next_cursor = page
         .has_more
@@ -414,10 +435,14 @@ pub async fn messages(
     responses((status = 200, body = StateBody), (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub async fn state(
     State(app): State<AppState>,
+    caller: Caller,
     PathId(id): PathId,
     QueryParams(p): QueryParams<ViewParams>,
 ) -> Result<Response, ApiError> {
-    let st = app.threads.state(&id, p.view.unwrap_or_default()).await?;
+    let st = app
+        .threads
+        .state(&caller.scope, &id, p.view.unwrap_or_default())
+        .await?;
     Ok(with_etag(
         st.version,
         Json(StateBody {
@@ -431,11 +456,14 @@ pub async fn state(
     responses((status = 200, body = Vec<RunRecord>), (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub async fn runs(
     State(app): State<AppState>,
+    caller: Caller,
     PathId(id): PathId,
     QueryParams(p): QueryParams<ViewParams>,
 ) -> Result<Json<Vec<RunRecord>>, ApiError> {
     Ok(Json(
-        app.threads.runs(&id, p.view.unwrap_or_default()).await?,
+        app.threads
+            .runs(&caller.scope, &id, p.view.unwrap_or_default())
+            .await?,
     ))
 }
 
@@ -444,10 +472,11 @@ pub async fn runs(
     responses((status = 200, body = RunRecord), (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub async fn run(
     State(app): State<AppState>,
+    caller: Caller,
     PathId(id): PathId,
     PathRunId(run_id): PathRunId,
 ) -> Result<Json<RunRecord>, ApiError> {
-    Ok(Json(app.threads.run(&id, &run_id).await?))
+    Ok(Json(app.threads.run(&caller.scope, &id, &run_id).await?))
 }
 
 #[utoipa::path(post, path = "/v1/threads/{id}/flush", tag = "threads", params(ThreadIdParam),
@@ -457,7 +486,8 @@ pub async fn run(
         (status = 503, body = Problem, content_type = "application/problem+json")))]
 pub async fn flush(
     State(app): State<AppState>,
+    caller: Caller,
     PathId(id): PathId,
 ) -> Result<Json<FoldReport>, ApiError> {
-    Ok(Json(app.threads.flush(&id).await?))
+    Ok(Json(app.threads.flush(&caller.scope, &id).await?))
 }

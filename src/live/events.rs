@@ -8,6 +8,7 @@ use crate::model::{ChangeSet, Extra, Thread};
 use crate::store::{Change, Incarnation, Write};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use utoipa::ToSchema;
 
 /// `event: delta` — a ChangeSet appended at `version` (`id: <version>`).
@@ -95,6 +96,11 @@ pub(super) struct Item {
     pub kind: Kind,
     pub version: u64,
     pub frame: Bytes,
+    /// For a full save: the thread's `resource_id` after it (a scoped subscriber whose
+    /// resource it is not sees the thread as deleted from then on).
+    pub resource: Option<Option<Arc<str>>>,
+    /// When the write was accepted (unix ms; 0 when unknown), for the delivery latency.
+    pub at: i64,
 }
 
 /// One SSE frame: optional `id:`, `event:`, one `data:` line of compact JSON (which never
@@ -115,6 +121,10 @@ pub(super) fn frame(event: &str, id: Option<u64>, data: &impl Serialize) -> Byte
 /// A write as the event it produces.
 pub(super) fn write_item(id: &ThreadId, write: &Write) -> Item {
     let version = write.version;
+    let resource = match &write.change {
+        Change::Replace(t) => Some(t.resource_id.as_deref().map(Arc::from)),
+        _ => None,
+    };
     let frame = match &write.change {
         Change::Delta(d) => {
             let mut delta = d.clone();
@@ -150,6 +160,8 @@ pub(super) fn write_item(id: &ThreadId, write: &Write) -> Item {
         kind: Kind::Write,
         version,
         frame,
+        resource,
+        at: write.at,
     }
 }
 
@@ -159,6 +171,8 @@ pub(super) fn deleted_item(version: u64) -> Item {
         kind: Kind::Deleted,
         version,
         frame: frame("deleted", None, &DeletedEvent {}),
+        resource: None,
+        at: 0,
     }
 }
 
@@ -168,6 +182,8 @@ pub(super) fn flushed_item(version: u64) -> Item {
         kind: Kind::Flushed,
         version,
         frame: frame("flushed", None, &FlushedEvent { version }),
+        resource: None,
+        at: 0,
     }
 }
 
@@ -177,5 +193,7 @@ pub(super) fn signal(kind: Kind) -> Item {
         kind,
         version: 0,
         frame: Bytes::new(),
+        resource: None,
+        at: 0,
     }
 }

@@ -25,6 +25,12 @@
 //!   capacity, per subscriber by one replay page.
 //! * **Outages**: a catch-up that cannot reach the store or NATS keeps the stream and its
 //!   position and retries with back-off (an `EventSource` would give up on a 503 reconnect).
+//! * **Tenancy**: a stream is opened for a caller's [`Scope`] (the HTTP layer has already
+//!   checked that the thread is the caller's). A full save that moves the thread to another
+//!   `resource_id` ends a scoped stream with `deleted`, as if the thread were gone, and a
+//!   requested snapshot of a thread that is not the caller's is `NotFound`.
+//! * **Limits**: at most `max_streams` streams per process and `max_streams_per_caller` per
+//!   caller ([`Hub::admit`]); the permit is held by the stream and released when it ends.
 //!
 //! Keep-alive comments carry the version the subscriber has reached (`: keep-alive 42`).
 //! Streams end when the shutdown token is cancelled, so graceful shutdown never waits on them;
@@ -35,15 +41,18 @@ pub mod source;
 mod subscriber;
 mod topic;
 
+use crate::auth::Scope;
 use crate::id::ThreadId;
-use crate::store::{Incarnation, Write};
+use crate::store::{Change, Incarnation, StoreError, Write};
 use crate::write::Result;
 use bytes::Bytes;
 use events::{Item, ResetEvent, SnapshotEvent, deleted_item, frame, write_item};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use source::LiveSource;
 use std::collections::HashMap;
@@ -69,6 +78,12 @@ const REPLAY_PAGE: usize = 64;
 const COALESCE_BYTES: usize = 64 * 1024;
 /// Live items handled per wake-up before yielding a write.
 const BURST: usize = 64;
+/// Default of `--max-streams`: three quarters of the default `--max-connections` (1,024), so
+/// streams never hold every connection and REST calls still get through.
+pub const DEFAULT_MAX_STREAMS: usize = 768;
+/// Default of `--max-streams-per-caller`: a user with a few dozen tabs open, or an agent
+/// following its sub-agents' threads.
+pub const DEFAULT_MAX_STREAMS_PER_CALLER: usize = 32;
 /// Back-off between catch-up attempts while the store or NATS is unreachable.
 const RETRY_MIN: Duration = Duration::from_millis(500);
 /// Longest back-off between catch-up attempts.
@@ -81,6 +96,10 @@ pub struct LiveConfig {
     pub keepalive: Duration,
     /// Per-thread channel capacity (and how many recent items a topic keeps for catch-ups).
     pub channel_capacity: usize,
+    /// Streams open at once in this process.
+    pub max_streams: usize,
+    /// Streams one caller may hold open at once.
+    pub max_streams_per_caller: usize,
 }
 
 impl Default for LiveConfig {
@@ -88,12 +107,64 @@ impl Default for LiveConfig {
         LiveConfig {
             keepalive: DEFAULT_KEEPALIVE,
             channel_capacity: DEFAULT_CHANNEL_CAPACITY,
+            max_streams: DEFAULT_MAX_STREAMS,
+            max_streams_per_caller: DEFAULT_MAX_STREAMS_PER_CALLER,
         }
     }
 }
 
-/// The hub's metrics (`/metrics`).
+/// Why a stream was refused (`429 too_many_streams`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TooManyStreams {
+    /// The caller already holds `limit` streams.
+    #[error("this caller already has {limit} event streams open (--max-streams-per-caller)")]
+    Caller {
+        /// The per-caller limit.
+        limit: usize,
+    },
+    /// The process already serves `limit` streams.
+    #[error("the gateway already serves {limit} event streams (--max-streams)")]
+    Total {
+        /// The process-wide limit.
+        limit: usize,
+    },
+}
+
+/// Open streams, in total and per caller.
 #[derive(Debug, Default)]
+struct OpenStreams {
+    total: usize,
+    per_caller: HashMap<Arc<str>, usize>,
+}
+
+/// A place for one event stream, held while it is open.
+pub struct StreamPermit {
+    open: Arc<Mutex<OpenStreams>>,
+    caller: Option<Arc<str>>,
+}
+
+impl Drop for StreamPermit {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.total = open.total.saturating_sub(1);
+        if let Some(c) = &self.caller
+            && let Some(n) = open.per_caller.get_mut(c)
+        {
+            *n -= 1;
+            if *n == 0 {
+                open.per_caller.remove(c);
+            }
+        }
+    }
+}
+
+/// Buckets of the delivery latency: 1 ms to about 65 s.
+fn delivery_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.001, 2.0, 17)
+}
+
+/// The hub's metrics (`/metrics`).
+#[derive(Debug)]
 pub struct LiveMetrics {
     /// Open SSE streams.
     pub streams: Gauge,
@@ -107,6 +178,26 @@ pub struct LiveMetrics {
     pub replays: Counter,
     /// `reset` events sent.
     pub resets: Counter,
+    /// From a write's acceptance to its event being handed to a live stream (writes that
+    /// arrive live, not replays).
+    pub delivery: Histogram,
+    /// Streams refused by a limit, by `limit` (`caller`, `total`).
+    pub rejected: Family<[(&'static str, &'static str); 1], Counter>,
+}
+
+impl Default for LiveMetrics {
+    fn default() -> Self {
+        LiveMetrics {
+            streams: Gauge::default(),
+            topics: Gauge::default(),
+            events: Counter::default(),
+            lagged: Counter::default(),
+            replays: Counter::default(),
+            resets: Counter::default(),
+            delivery: Histogram::new(delivery_buckets()),
+            rejected: Family::default(),
+        }
+    }
 }
 
 impl LiveMetrics {
@@ -146,6 +237,17 @@ impl LiveMetrics {
         ] {
             registry.register(name, help, counter.clone());
         }
+        registry.register(
+            "threadgate_sse_delivery_seconds",
+            "Time from a write's acceptance to its event being handed to a live SSE stream",
+            self.delivery.clone(),
+        );
+        registry.register(
+            "threadgate_sse_rejected",
+            "SSE streams refused by --max-streams (limit=total) or --max-streams-per-caller \
+             (limit=caller)",
+            self.rejected.clone(),
+        );
     }
 }
 
@@ -158,6 +260,17 @@ pub struct WritesAfter {
     pub head: u64,
     /// False when the position cannot be continued without a gap.
     pub complete: bool,
+}
+
+/// Where a stream starts (see [`Hub::open`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Position {
+    /// Continue after this version.
+    pub cursor: Option<u64>,
+    /// Start with a snapshot (without a cursor), and answer an unreplayable cursor with one.
+    pub snapshot: bool,
+    /// The life of the thread id the cursor belongs to.
+    pub incarnation: Option<Incarnation>,
 }
 
 /// A replay page as framed items.
@@ -175,6 +288,7 @@ pub struct Hub {
     topics: Mutex<HashMap<ThreadId, Arc<Topic>>>,
     replays: Semaphore,
     tasks: TaskTracker,
+    open: Arc<Mutex<OpenStreams>>,
     /// Exported at `/metrics`.
     pub metrics: LiveMetrics,
 }
@@ -193,11 +307,57 @@ impl Hub {
             config: LiveConfig {
                 keepalive: config.keepalive.max(Duration::from_millis(10)),
                 channel_capacity: config.channel_capacity.max(1),
+                max_streams: config.max_streams.max(1),
+                max_streams_per_caller: config.max_streams_per_caller.max(1),
             },
             topics: Mutex::new(HashMap::new()),
             replays: Semaphore::new(MAX_CONCURRENT_REPLAYS),
             tasks,
+            open: Arc::default(),
             metrics: LiveMetrics::default(),
+        })
+    }
+
+    /// Takes a place for one more stream of `caller` (see [`LiveConfig`]'s limits; a caller
+    /// that is not identified counts toward the total only); the stream holds the permit until
+    /// it ends.
+    pub fn admit(
+        &self,
+        caller: Option<Arc<str>>,
+    ) -> std::result::Result<StreamPermit, TooManyStreams> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let held = caller
+            .as_ref()
+            .map_or(0, |c| open.per_caller.get(c).copied().unwrap_or(0));
+        let refused = if open.total >= self.config.max_streams {
+            Some(TooManyStreams::Total {
+                limit: self.config.max_streams,
+            })
+        } else if held >= self.config.max_streams_per_caller {
+            Some(TooManyStreams::Caller {
+                limit: self.config.max_streams_per_caller,
+            })
+        } else {
+            None
+        };
+        if let Some(why) = refused {
+            let label = match why {
+                TooManyStreams::Caller { .. } => "caller",
+                TooManyStreams::Total { .. } => "total",
+            };
+            self.metrics
+                .rejected
+                .get_or_create(&[("limit", label)])
+                .inc();
+            return Err(why);
+        }
+        open.total += 1;
+        if let Some(c) = &caller {
+            *open.per_caller.entry(c.clone()).or_default() += 1;
+        }
+        Ok(StreamPermit {
+            open: self.open.clone(),
+            caller,
         })
     }
 
@@ -251,15 +411,27 @@ impl Hub {
     /// stream's catch-up replays (so `GET /v1/threads/{id}/deltas` and the stream never
     /// disagree on what happened at a version). `complete` is false when `after` cannot be
     /// continued without a gap (older than what is kept, or beyond the thread's head).
+    ///
+    /// For a scoped caller, a page that holds a full save moving the thread to another
+    /// resource_id (not folded yet, so the store still names the caller) is `NotFound`: what
+    /// follows it is not the caller's.
     pub async fn writes_after(
         &self,
         id: &ThreadId,
         after: u64,
         limit: usize,
+        scope: &Scope,
     ) -> Result<WritesAfter> {
         let _permit = self.replays.acquire().await;
         let next = after.saturating_add(1);
         let page = self.source.replay(id, next, limit, None).await?;
+        let moved_away = page.writes.iter().any(|w| match &w.change {
+            Change::Replace(t) => !scope.admits(t.resource_id.as_deref()),
+            _ => false,
+        });
+        if moved_away {
+            return Err(StoreError::NotFound.into());
+        }
         let contiguous = (next..)
             .zip(&page.writes)
             .all(|(want, w)| w.version == want);
@@ -274,9 +446,13 @@ impl Hub {
         })
     }
 
-    /// The thread now, as a `snapshot` frame.
-    async fn snapshot(&self, id: &ThreadId) -> Result<(Bytes, u64)> {
+    /// The thread now, as a `snapshot` frame; `NotFound` when it is not the scope's (a move
+    /// not folded yet).
+    async fn snapshot(&self, id: &ThreadId, scope: &Scope) -> Result<(Bytes, u64)> {
         let snap = self.source.snapshot(id).await?;
+        if !scope.admits(snap.thread.resource_id.as_deref()) {
+            return Err(StoreError::NotFound.into());
+        }
         let version = snap.version;
         let data = SnapshotEvent {
             version,
@@ -291,15 +467,21 @@ impl Hub {
     /// Opens a subscriber's stream: attach, position it (cursor, snapshot, or the head),
     /// replay, then follow live. Errors (404, 503) happen here, before any event. With
     /// `incarnation`, a position of another life of the thread id is answered with `reset`.
+    /// The stream is the `scope`'s (see the module docs) and holds `permit` until it ends.
     pub async fn open(
         self: &Arc<Self>,
         id: ThreadId,
-        cursor: Option<u64>,
-        snapshot: bool,
-        incarnation: Option<Incarnation>,
+        position: Position,
+        scope: Scope,
+        permit: StreamPermit,
     ) -> Result<BoxStream<'static, std::result::Result<Bytes, Infallible>>> {
+        let Position {
+            cursor,
+            snapshot,
+            incarnation,
+        } = position;
         let sub = self.subscribe(&id).await?;
-        let mut client = Subscriber::new(self.clone(), id.clone(), sub, snapshot);
+        let mut client = Subscriber::new(self.clone(), id.clone(), sub, snapshot, scope, permit);
         let stale = match incarnation {
             Some(seen) => self.source.incarnation(&id).await? != seen,
             None => false,
@@ -318,7 +500,7 @@ impl Hub {
                 client.catch_up().await?;
             }
             None if snapshot => {
-                let (frame, version) = self.snapshot(&id).await?;
+                let (frame, version) = self.snapshot(&id, &client.scope).await?;
                 client.queue.push_back(frame);
                 client.next = version + 1;
                 client.take_recent();
@@ -350,7 +532,9 @@ mod tests {
         );
         let id = crate::id::ThreadId::parse("x").unwrap();
         let sub = hub.subscribe(&id).await.unwrap();
-        let mut c = super::Subscriber::new(hub.clone(), id, sub, false);
+        let permit = hub.admit(None).unwrap();
+        let scope = crate::auth::Scope::Resource("r".into());
+        let mut c = super::Subscriber::new(hub.clone(), id, sub, false, scope, permit);
         assert!(
             std::mem::size_of_val(&c) < 512,
             "{}",
@@ -362,5 +546,43 @@ mod tests {
             "{}",
             std::mem::size_of_val(&next)
         );
+    }
+
+    #[test]
+    fn streams_are_limited_per_caller_and_in_total() {
+        let store: crate::store::DynStore = std::sync::Arc::new(crate::store::MemoryStore::new());
+        let config = super::LiveConfig {
+            max_streams: 3,
+            max_streams_per_caller: 2,
+            ..Default::default()
+        };
+        let hub = super::Hub::new(
+            std::sync::Arc::new(super::source::StoreSource::new(store)),
+            tokio_util::sync::CancellationToken::new(),
+            tokio_util::task::TaskTracker::new(),
+            config,
+        );
+        let key = |k: &str| Some(std::sync::Arc::<str>::from(k));
+        let a1 = hub.admit(key("a")).unwrap();
+        let _a2 = hub.admit(key("a")).unwrap();
+        assert_eq!(
+            hub.admit(key("a")).err(),
+            Some(super::TooManyStreams::Caller { limit: 2 })
+        );
+        let _b1 = hub.admit(key("b")).unwrap();
+        assert_eq!(
+            hub.admit(key("c")).err(),
+            Some(super::TooManyStreams::Total { limit: 3 })
+        );
+        drop(a1);
+        let anonymous = hub.admit(None).unwrap();
+        assert_eq!(
+            hub.admit(None).err(),
+            Some(super::TooManyStreams::Total { limit: 3 })
+        );
+        drop(anonymous);
+        let _c1 = hub.admit(key("c")).unwrap();
+        assert_eq!(hub.open.lock().unwrap().per_caller.len(), 3);
+        assert_eq!(hub.open.lock().unwrap().total, 3);
     }
 }

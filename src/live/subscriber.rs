@@ -9,7 +9,8 @@
 
 use super::events::{Item, Kind, ResetEvent, deleted_item, frame};
 use super::topic::Subscription;
-use super::{BURST, COALESCE_BYTES, Hub, REPLAY_PAGE, RETRY_MAX, RETRY_MIN};
+use super::{BURST, COALESCE_BYTES, Hub, REPLAY_PAGE, RETRY_MAX, RETRY_MIN, StreamPermit};
+use crate::auth::Scope;
 use crate::id::ThreadId;
 use crate::store::StoreError;
 use crate::write::{Error, Result};
@@ -40,6 +41,10 @@ pub(super) struct Subscriber {
     retry: Option<(tokio::time::Instant, Duration)>,
     /// A catch-up has more pages to read (and where the next one starts in the log).
     behind: Option<Option<u64>>,
+    /// Whose stream this is: a full save moving the thread to another resource ends it.
+    pub scope: Scope,
+    /// Its place among the open streams, released when it ends.
+    _permit: StreamPermit,
 }
 
 impl Drop for Subscriber {
@@ -49,7 +54,14 @@ impl Drop for Subscriber {
 }
 
 impl Subscriber {
-    pub fn new(hub: Arc<Hub>, id: ThreadId, sub: Subscription, snapshot_on_reset: bool) -> Self {
+    pub fn new(
+        hub: Arc<Hub>,
+        id: ThreadId,
+        sub: Subscription,
+        snapshot_on_reset: bool,
+        scope: Scope,
+        permit: StreamPermit,
+    ) -> Self {
         hub.metrics.streams.inc();
         let keepalive = Box::pin(tokio::time::sleep(hub.config.keepalive));
         Subscriber {
@@ -65,10 +77,23 @@ impl Subscriber {
             keepalive,
             retry: None,
             behind: None,
+            scope,
+            _permit: permit,
         }
     }
 
     fn emit(&mut self, item: &Item) {
+        if self.done {
+            return;
+        }
+        if let Some(resource) = &item.resource
+            && !self.scope.admits(resource.as_deref())
+        {
+            // Moved to another resource: to this caller the thread is gone from here on.
+            self.queue.push_back(deleted_item(0).frame);
+            self.done = true;
+            return;
+        }
         self.hub.metrics.events.inc();
         self.queue.push_back(item.frame.clone());
         self.next = item.version + 1;
@@ -130,6 +155,9 @@ impl Subscriber {
                 break;
             }
         }
+        if self.done {
+            return Ok(());
+        }
         // A gap, a position the thread never had, or no progress although the head is ahead:
         // the sources cannot continue `next`.
         let beyond = before > page.head + 1;
@@ -147,7 +175,7 @@ impl Subscriber {
     async fn reset(&mut self, head: u64) -> Result<()> {
         self.behind = None;
         if self.snapshot_on_reset {
-            let (frame, version) = self.hub.snapshot(&self.id).await?;
+            let (frame, version) = self.hub.snapshot(&self.id, &self.scope).await?;
             self.queue.push_back(frame);
             self.next = version + 1;
             self.take_recent();
@@ -209,6 +237,10 @@ impl Subscriber {
                     }
                 }
                 if !self.done && item.version == self.next {
+                    if item.at > 0 {
+                        let age = crate::store::now_ms().saturating_sub(item.at).max(0);
+                        self.hub.metrics.delivery.observe(age as f64 / 1000.0);
+                    }
                     self.emit(&item);
                 }
             }

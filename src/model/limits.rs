@@ -20,7 +20,110 @@
 //! stays far below serde_json's 128 and recursion stays shallow. `tests::deepest_accepted_*`
 //! run the whole model on the deepest accepted input on a deliberately small stack.
 
+use super::{ChangeSet, Message, Thread};
 use serde_json::Value;
+
+/// Longest accepted key, in bytes: a `resource_id`, `parent_thread_id`, message `id`,
+/// `run_id` or `parent_run_id`. These sit in indexed columns (PostgreSQL refuses an index
+/// entry above about 2.7 KB, and a key is stored JSON-escaped, up to six bytes per byte), so an
+/// unbounded one would be accepted into the log and then fail every fold. 256 bytes hold any
+/// UUID, e-mail address or path-like id with room to spare.
+pub const MAX_KEY_LEN: usize = 256;
+
+/// Default for `--max-delta-messages`: messages in one delta (an agent step holds a handful).
+pub const DEFAULT_MAX_DELTA_MESSAGES: usize = 1_000;
+
+/// Default for `--max-delta-ops`: patch ops in one delta, summed over its patches (and the
+/// number of patches).
+pub const DEFAULT_MAX_DELTA_OPS: usize = 10_000;
+
+/// Per-delta counts the gateway bounds (`--max-delta-messages`, `--max-delta-ops`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeltaLimits {
+    /// Messages in one delta.
+    pub messages: usize,
+    /// Patch ops in one delta, summed over its patches; also the most patches one delta holds.
+    pub ops: usize,
+}
+
+impl Default for DeltaLimits {
+    fn default() -> Self {
+        DeltaLimits {
+            messages: DEFAULT_MAX_DELTA_MESSAGES,
+            ops: DEFAULT_MAX_DELTA_OPS,
+        }
+    }
+}
+
+/// A bound a request broke: the field at fault and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct LimitError {
+    /// The field, e.g. `messages` or `messages[3].id`.
+    pub field: String,
+    /// What the limit is.
+    pub message: String,
+}
+
+fn key(field: impl FnOnce() -> String, value: Option<&str>) -> Result<(), LimitError> {
+    match value {
+        Some(v) if v.len() > MAX_KEY_LEN => Err(LimitError {
+            field: field(),
+            message: format!(
+                "is {} bytes long; the limit is {MAX_KEY_LEN} bytes",
+                v.len()
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn message_keys(prefix: &str, messages: &[Message]) -> Result<(), LimitError> {
+    for (i, m) in messages.iter().enumerate() {
+        key(|| format!("{prefix}[{i}].id"), m.id.as_deref())?;
+        key(|| format!("{prefix}[{i}].metadata.run_id"), m.run_id())?;
+    }
+    Ok(())
+}
+
+/// Checks a delta against the per-delta counts and the key length.
+pub fn check_delta(delta: &ChangeSet, limits: &DeltaLimits) -> Result<(), LimitError> {
+    if delta.messages.len() > limits.messages {
+        return Err(LimitError {
+            field: "messages".into(),
+            message: format!(
+                "{} messages in one delta; the limit is {} (--max-delta-messages)",
+                delta.messages.len(),
+                limits.messages
+            ),
+        });
+    }
+    let ops: usize = delta.patches.iter().map(|p| p.patch.ops.len()).sum();
+    if delta.patches.len() > limits.ops || ops > limits.ops {
+        return Err(LimitError {
+            field: "patches".into(),
+            message: format!(
+                "{ops} patch ops in {} patches in one delta; the limit is {} of each \
+                 (--max-delta-ops)",
+                delta.patches.len(),
+                limits.ops
+            ),
+        });
+    }
+    key(|| "run_id".into(), Some(&delta.run_id))?;
+    key(|| "parent_run_id".into(), delta.parent_run_id.as_deref())?;
+    message_keys("messages", &delta.messages)
+}
+
+/// Checks the keys of a thread body (create, full replace).
+pub fn check_thread(thread: &Thread) -> Result<(), LimitError> {
+    key(|| "resource_id".into(), thread.resource_id.as_deref())?;
+    key(
+        || "parent_thread_id".into(),
+        thread.parent_thread_id.as_deref(),
+    )?;
+    message_keys("messages", &thread.messages)
+}
 
 /// Deepest nesting of arrays/objects accepted in a request body: far beyond any real agent
 /// state, and with the wrappers of stored documents still well under serde_json's 128.

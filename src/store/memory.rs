@@ -15,8 +15,8 @@
 use super::record::Record;
 use super::{
     Appended, ChangeSet, Expect, History, IdempotencyKey, Incarnation, ListOrderBy, ListPage,
-    ListQuery, MessagePage, MessageQuery, Order, Result, RunRecord, Snapshot, StateAt, Store,
-    StoreError, Write, now_ms,
+    ListQuery, MessagePage, MessageQuery, Order, Owner, Result, RunRecord, Snapshot, StateAt,
+    Store, StoreError, Write, now_ms,
 };
 use crate::id::ThreadId;
 use crate::model::{Extra, Thread};
@@ -270,6 +270,16 @@ impl<P: Persist> Store for Records<P> {
 
     async fn incarnation(&self, id: &ThreadId) -> Result<Incarnation> {
         self.read(id, |r| Ok(r.incarnation)).await
+    }
+
+    async fn owner(&self, id: &ThreadId) -> Result<Owner> {
+        self.read(id, |r| {
+            Ok(Owner {
+                resource_id: r.thread.resource_id.clone(),
+                version: r.version,
+            })
+        })
+        .await
     }
 
     async fn list(&self, q: &ListQuery) -> Result<ListPage> {

@@ -186,6 +186,15 @@ impl Snapshot {
     }
 }
 
+/// Whose a thread is, as the store has it (see [`Store::owner`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    /// The thread's `resource_id`.
+    pub resource_id: Option<String>,
+    /// The version the store holds.
+    pub version: u64,
+}
+
 /// The result of an append.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Appended {
@@ -467,6 +476,9 @@ pub trait Store: Send + Sync + 'static {
     async fn version(&self, id: &ThreadId) -> Result<u64>;
     /// Which life of the thread id is current.
     async fn incarnation(&self, id: &ThreadId) -> Result<Incarnation>;
+    /// The thread's `resource_id` (its owner, for tenant scoping) and version: cheap, one key
+    /// lookup.
+    async fn owner(&self, id: &ThreadId) -> Result<Owner>;
     /// A page of the thread list.
     async fn list(&self, q: &ListQuery) -> Result<ListPage>;
     /// Full replace (messages keep their cursors by position). Returns the new version.

@@ -3,8 +3,15 @@
 //! store that other processes share (PostgreSQL) announces every commit to every replica's
 //! hub itself ([`crate::store::Store::changes`]); then nothing is published here, so each
 //! write reaches the hub by one path only.
+//!
+//! A write to an existing thread first checks the thread's owner against the caller's scope
+//! ([`super::guard`]: one key lookup, none for an admin). A move of the thread to another
+//! resource that commits between that check and the write lets the write land in the moved
+//! thread, as if it had come just before the move; the writer learns nothing of the new owner
+//! but the version its write produced.
 
-use super::{AppendOutcome, FoldReport, Result, WritePath};
+use super::{AppendOutcome, FoldReport, Result, WritePath, guard};
+use crate::auth::Scope;
 use crate::id::ThreadId;
 use crate::live::Hub;
 use crate::model::{ChangeSet, Extra, Thread};
@@ -50,11 +57,13 @@ impl WritePath for DirectWrites {
 
     async fn append(
         &self,
+        scope: &Scope,
         id: &ThreadId,
         mut delta: ChangeSet,
         expect: Expect,
         idempotency: Option<&IdempotencyKey>,
     ) -> Result<AppendOutcome> {
+        guard(&*self.store, scope, id).await?;
         delta.normalize();
         let appended = self.store.append(id, &delta, expect, idempotency).await?;
         if !appended.replayed {
@@ -66,7 +75,14 @@ impl WritePath for DirectWrites {
         })
     }
 
-    async fn replace(&self, id: &ThreadId, mut thread: Thread, expect: Expect) -> Result<u64> {
+    async fn replace(
+        &self,
+        scope: &Scope,
+        id: &ThreadId,
+        mut thread: Thread,
+        expect: Expect,
+    ) -> Result<u64> {
+        guard(&*self.store, scope, id).await?;
         // Prepared here exactly as the store prepares it, so the event shows what was saved.
         crate::store::prepare_thread(id, &mut thread)?;
         let version = self.store.replace(id, thread.clone(), expect).await?;
@@ -74,13 +90,21 @@ impl WritePath for DirectWrites {
         Ok(version)
     }
 
-    async fn patch_metadata(&self, id: &ThreadId, patch: Extra, expect: Expect) -> Result<u64> {
+    async fn patch_metadata(
+        &self,
+        scope: &Scope,
+        id: &ThreadId,
+        patch: Extra,
+        expect: Expect,
+    ) -> Result<u64> {
+        guard(&*self.store, scope, id).await?;
         let version = self.store.patch_metadata(id, patch.clone(), expect).await?;
         self.committed(id, version, Change::Metadata(patch));
         Ok(version)
     }
 
-    async fn delete(&self, id: &ThreadId, expect: Expect) -> Result<()> {
+    async fn delete(&self, scope: &Scope, id: &ThreadId, expect: Expect) -> Result<()> {
+        guard(&*self.store, scope, id).await?;
         self.store.delete(id, expect).await?;
         if let Some(hub) = &self.hub {
             hub.publish_deleted(id);

@@ -198,10 +198,25 @@ impl Process {
     /// Starts the binary with `args` (plus a free port and JSON logs) and waits until it
     /// listens. Its log keeps draining in the background so it never blocks on a full pipe.
     pub async fn spawn(args: &[&str]) -> Process {
+        Self::spawn_in(None, &[], args).await
+    }
+
+    /// [`Process::spawn`] in working directory `dir` (relative paths in `args` resolve
+    /// there), with extra environment variables.
+    pub async fn spawn_in(
+        dir: Option<&std::path::Path>,
+        env: &[(String, String)],
+        args: &[&str],
+    ) -> Process {
         use tokio::io::{AsyncBufReadExt, BufReader};
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_threadgate"))
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_threadgate"));
+        if let Some(dir) = dir {
+            command.current_dir(dir);
+        }
+        let mut child = command
             .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()

@@ -1,6 +1,7 @@
 //! Integration tests: one binary, one shared harness ([`harness`]), real PostgreSQL and real
 //! HTTP. Behaviour suites run against every backend.
 
+mod auth;
 mod buffered;
 mod cancellation;
 mod cluster;
@@ -9,6 +10,7 @@ mod cookbook;
 mod crash;
 mod deadlines;
 mod direct_replicas;
+mod edge;
 mod file_store;
 mod harness;
 mod history;
@@ -21,8 +23,10 @@ mod openapi;
 mod outage;
 mod pg;
 mod pg_tls;
+mod properties;
 mod proxy;
 mod store_conformance;
 mod support;
+mod tenancy;
 mod unicode_ids;
 mod viewer;

@@ -310,6 +310,10 @@ impl Store for PostgresStore {
         read::incarnation(&self.pool, id).await
     }
 
+    async fn owner(&self, id: &ThreadId) -> Result<super::Owner> {
+        read::owner(&self.pool, id).await
+    }
+
     async fn list(&self, q: &ListQuery) -> Result<ListPage> {
         read::list(&self.pool, q).await
     }

@@ -2,7 +2,7 @@
 //! through crashes ([`retry`]), the in-memory oracle ([`oracle`]), a strict SSE client ([`sse`])
 //! and a lenient one that resumes across outages ([`resume`]), certificates ([`tls`]), NATS
 //! operator credentials ([`nats_jwt`]), a throwaway PostgreSQL cluster ([`pg_cluster`]), JSON
-//! request helpers, and polling until a condition holds ([`eventually`]).
+//! request helpers, callers with credentials ([`tenants`]), and polling until a condition holds ([`eventually`]).
 
 pub mod nats_jwt;
 pub mod oracle;
@@ -11,6 +11,7 @@ pub mod resume;
 pub mod retry;
 pub mod rng;
 pub mod sse;
+pub mod tenants;
 pub mod tls;
 
 use reqwest::StatusCode;
