@@ -11,20 +11,15 @@
 //! making progress is never cut short, however long the run it folds.
 
 use super::Buffered;
-use super::log::{Body, LogEntry};
+use super::log::LogEntry;
 use crate::id::ThreadId;
 use crate::store::{Expect, StoreError, Write, now_ms};
 use crate::write::{Error, FoldReport, Result};
-use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 /// Longest one page of a fold may spend in the store; a page transaction runs to completion
 /// on its own even when the fold stops waiting for it.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(60);
-/// Longest back-off between failed fold attempts of one thread.
-const MAX_FOLD_BACKOFF: Duration = Duration::from_secs(30);
 
 impl Buffered {
     /// Folds the thread's buffered tail into the store, exactly once, then trims the log.
@@ -56,6 +51,7 @@ impl Buffered {
 
     async fn fold_locked(&self, id: &ThreadId) -> Result<FoldReport> {
         let Some(last) = self.log.last(id).await? else {
+            self.marks.forget(id);
             let version = self.store.version(id).await?;
             return Ok(FoldReport {
                 version,
@@ -69,6 +65,7 @@ impl Buffered {
             Ok(w) => w,
             Err(StoreError::NotFound) => {
                 // A thread that is gone: whatever is left can never be folded.
+                self.marks.forget(id);
                 self.log.purge(id, Some(last.seq + 1)).await?;
                 return Err(StoreError::NotFound.into());
             }
@@ -84,7 +81,10 @@ impl Buffered {
         while let Some(page) = reader.next_page(super::PAGE).await? {
             first_seq.get_or_insert(page[0].seq);
             if keep_from.is_none() {
-                keep_from = page.iter().find(|e| e.at >= window_start).map(|e| e.seq);
+                keep_from = page
+                    .iter()
+                    .find(|e| e.at >= window_start)
+                    .map(|e| (e.seq, e.at));
             }
             if page.iter().any(LogEntry::is_tombstone) {
                 return self.finish_delete(id).await;
@@ -125,12 +125,15 @@ impl Buffered {
             applied += count;
         }
         // Trim what is folded (everything read up to `last`), keeping recent entries.
-        let before = keep_from.unwrap_or(last.seq + 1);
+        let before = keep_from.map_or(last.seq + 1, |(seq, _)| seq);
         // Every entry below `before` was applied or was already at or below the watermark
         // (entries a concurrent fold trimmed under the reader were folded by it).
         if first_seq.is_some_and(|first| first < before) {
             self.log.purge(id, Some(before)).await?;
         }
+        let keep = self.keep_folded.as_millis() as i64;
+        self.marks
+            .folded(id, last.seq, keep_from.map(|(_, at)| at + keep));
         Ok(FoldReport { version, applied })
     }
 
@@ -142,6 +145,7 @@ impl Buffered {
         }
         self.log.purge(id, None).await?;
         self.remember(id, None);
+        self.marks.forget(id);
         Err(StoreError::NotFound.into())
     }
 
@@ -155,61 +159,5 @@ impl Buffered {
             }
         }
         Ok(folded)
-    }
-
-    /// Folds threads whose newest entry is older than the idle age, until cancelled;
-    /// failures back off per thread, doubling up to [`MAX_FOLD_BACKOFF`].
-    pub(super) async fn sweep(self: Arc<Self>, shutdown: CancellationToken) {
-        let interval = (self.fold_idle / 2).max(Duration::from_millis(100));
-        let mut backoff: HashMap<ThreadId, (tokio::time::Instant, Duration)> = HashMap::new();
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(interval) => {}
-            }
-            let Ok(threads) = self.log.threads().await else {
-                continue;
-            };
-            let buffered: std::collections::HashSet<&ThreadId> = threads.iter().collect();
-            backoff.retain(|id, _| buffered.contains(id));
-            let mut pending = super::pending::PendingScan::default();
-            for id in threads {
-                if shutdown.is_cancelled() {
-                    return;
-                }
-                let last = self.log.last(&id).await;
-                if let Ok(Some(last)) = &last {
-                    pending.observe(&self, &id, last).await;
-                }
-                if backoff
-                    .get(&id)
-                    .is_some_and(|(until, _)| *until > tokio::time::Instant::now())
-                {
-                    continue;
-                }
-                let idle = match last {
-                    Ok(Some(last)) => {
-                        now_ms() - last.at >= self.fold_idle.as_millis() as i64
-                            || last.body == Body::Deleted
-                    }
-                    _ => false,
-                };
-                if !idle {
-                    continue;
-                }
-                match self.fold(&id).await {
-                    Ok(_) | Err(Error::Store(StoreError::NotFound)) => {
-                        backoff.remove(&id);
-                    }
-                    Err(_) => {
-                        let next = backoff
-                            .get(&id)
-                            .map_or(interval, |(_, d)| (*d * 2).min(MAX_FOLD_BACKOFF));
-                        backoff.insert(id, (tokio::time::Instant::now() + next, next));
-                    }
-                }
-            }
-            pending.publish(&self);
-        }
     }
 }

@@ -25,6 +25,7 @@
 mod fold;
 pub mod log;
 mod pending;
+mod sweep;
 mod write;
 
 use crate::auth::Scope;
@@ -141,6 +142,8 @@ pub struct Buffered {
     heads: HeadCache,
     /// Serialises folds of one thread within this process (other replicas are safe anyway).
     fold_locks: KeyedLocks,
+    /// What this process's folds covered, so the sweeper skips idle threads.
+    marks: sweep::Marks,
     /// Serialises this process's writes to one thread, so local writers queue instead of
     /// racing each other's compare-and-set (only other replicas can make a publish retry).
     write_locks: KeyedLocks,
@@ -172,6 +175,7 @@ impl Buffered {
             store,
             heads,
             fold_locks: KeyedLocks::default(),
+            marks: sweep::Marks::default(),
             write_locks: KeyedLocks::default(),
             fold_idle: config.fold_idle,
             keep_folded: config.keep_folded,
@@ -260,6 +264,13 @@ impl Buffered {
 
     fn cached(&self, id: &ThreadId) -> Option<Arc<Head>> {
         self.heads.get(id)
+    }
+
+    /// Caches `head` and hands it back shared.
+    fn remember_head(&self, id: &ThreadId, head: Head) -> Arc<Head> {
+        let head = Arc::new(head);
+        self.heads.insert(id.clone(), head.clone());
+        head
     }
 
     fn remember(&self, id: &ThreadId, head: Option<Head>) {

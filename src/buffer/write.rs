@@ -16,6 +16,7 @@ use crate::store::record::Record;
 use crate::store::{Appended, Change, Expect, IdempotencyKey, Snapshot, StoreError};
 use crate::write::{AppendOutcome, Error, Result};
 use serde_json::Value;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Compare-and-set retries when other replicas keep winning the race for a thread.
@@ -187,20 +188,19 @@ impl Buffered {
     }
 
     /// The thread's head: from the cache, or rebuilt from the store plus the log.
-    pub(super) async fn head(&self, id: &ThreadId, fresh: bool) -> Result<Head> {
+    /// Shared, never copied: an append reads the cached state to validate its delta.
+    pub(super) async fn head(&self, id: &ThreadId, fresh: bool) -> Result<Arc<Head>> {
         if let Some(h) = self.cached(id) {
             if !fresh {
-                return Ok((*h).clone());
+                return Ok(h);
             }
             // Another writer moved on: read only what it appended since our position.
             if let Some(head) = self.advance(id, &h).await? {
-                self.remember(id, Some(head.clone()));
-                return Ok(head);
+                return Ok(self.remember_head(id, head));
             }
         }
         let head = self.refresh(id).await?;
-        self.remember(id, Some(head.clone()));
-        Ok(head)
+        Ok(self.remember_head(id, head))
     }
 
     /// The cached head moved forward by the entries published after it, or `None` when that

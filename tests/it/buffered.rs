@@ -410,6 +410,69 @@ async fn idle_threads_are_folded() {
     gw.stop().await;
 }
 
+/// Completed folds so far, from `/metrics`.
+async fn folds(gw: &Gateway) -> u64 {
+    let text = gw.get("/metrics").await.text().await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("threadgate_folds_total "))
+        .expect("threadgate_folds_total in /metrics")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Idle threads cost no folds: a folded thread whose entries are kept for retries is not
+/// folded again at every sweep, only once when its kept entries leave the window (which
+/// empties its subject); a later append to it is still folded by the sweeper.
+#[tokio::test]
+async fn folded_idle_threads_are_not_folded_again() {
+    let gw = Gateway::start_buffered(Backend::Memory, &nats_url(), |c| {
+        c.fold_idle = Duration::from_millis(200);
+        c.keep_folded = Duration::from_secs(3);
+    })
+    .await;
+    let ids: Vec<String> = (0..5).map(|i| format!("idle-{i}")).collect();
+    for id in &ids {
+        gw.create(json!({ "id": id })).await;
+        gw.append(id, delta_msg("r", None, "once")).await;
+        flush(&gw, id).await;
+    }
+    let after_flush = folds(&gw).await;
+    // About twenty sweeper passes (every 100 ms) while the entries are kept for retries.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        folds(&gw).await,
+        after_flush,
+        "no fold of a thread with nothing new while its entries are kept"
+    );
+    // Once the kept entries leave the window: one trimming fold each, then nothing.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let trimmed = folds(&gw).await;
+    assert_eq!(
+        trimmed,
+        after_flush + ids.len() as u64,
+        "one trim per thread"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        folds(&gw).await,
+        trimmed,
+        "an emptied subject costs nothing"
+    );
+    // New entries are still folded by the sweeper.
+    gw.append(&ids[0], delta_msg("r", None, "later")).await;
+    let mut folded = false;
+    for _ in 0..50 {
+        if gw.get_json(&format!("/v1/threads/{}", ids[0])).await["version"] == 2 {
+            folded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(folded, "the sweeper folded the new entry");
+    gw.stop().await;
+}
+
 /// Idempotency-Key maps to JetStream de-duplication: a retry never appends twice.
 #[tokio::test]
 async fn idempotent_retries_in_buffered_mode() {

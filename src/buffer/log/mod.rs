@@ -363,6 +363,17 @@ impl Log {
 
     /// The ids of every thread with messages in the log.
     pub async fn threads(&self) -> Result<Vec<ThreadId>> {
+        Ok(self
+            .subjects()
+            .await?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect())
+    }
+
+    /// Every thread with entries in the log, with how many entries its subject holds (one
+    /// listing, however many threads: what the idle sweeper compares between passes).
+    pub async fn subjects(&self) -> Result<Vec<(ThreadId, u64)>> {
         let listed = async {
             let mut stream = self.stream.clone();
             let info = stream.info().await.map_err(|e| e.to_string())?;
@@ -377,9 +388,9 @@ impl Log {
             let prefix = format!("{}.log.", self.prefix);
             let mut out = Vec::new();
             while let Some(item) = subjects.next().await {
-                let (subject, _) = item.map_err(|e| e.to_string())?;
+                let (subject, count) = item.map_err(|e| e.to_string())?;
                 if let Some(id) = subject.strip_prefix(&prefix).and_then(ThreadId::decode) {
-                    out.push(id);
+                    out.push((id, count as u64));
                 }
             }
             Ok::<_, String>(out)

@@ -1,0 +1,187 @@
+//! The idle sweeper: folds threads whose newest entry is older than `--fold-idle`, and trims
+//! folded entries once they leave the `--keep-folded` window.
+//!
+//! Idle threads must cost (nearly) nothing, however many there are. After a fold the log
+//! keeps the thread's recent entries for idempotent retries, so its subject stays listed for
+//! up to `--keep-folded`; folding it again at every pass would read the log and open a store
+//! transaction only to apply nothing. So each process remembers, per thread it folded, the
+//! log position the fold covered and when the first kept entry leaves the window ([`Marks`]).
+//! A pass lists every subject with its entry count in one request; a thread whose count has
+//! not changed since a pass confirmed its mark is skipped without any request until its
+//! kept entries are due for trimming (then one fold trims them and the subject, emptied,
+//! leaves the listing). A changed count costs one `last` lookup, and only a thread with
+//! entries past its mark is folded.
+//!
+//! An unchanged count does not strictly prove that nothing was appended (another replica
+//! could append one entry and trim one in between), so a mark is confirmed again with a
+//! lookup every [`CONFIRM_EVERY`] passes: such a thread is folded at most that many passes
+//! late, never lost (and the replica that appended folds it on its own schedule anyway).
+//! Marks live in a cache bounded in bytes; a thread that falls out of it costs one no-op fold.
+
+use super::Buffered;
+use super::log::Body;
+use super::pending::PendingScan;
+use crate::id::ThreadId;
+use crate::store::now_ms;
+use crate::write::Error;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Longest back-off between failed fold attempts of one thread.
+const MAX_FOLD_BACKOFF: Duration = Duration::from_secs(30);
+/// A skipped thread's mark is confirmed with a lookup this often (in passes): bounds how
+/// late a fold can be when an unchanged entry count hides another replica's append.
+pub const CONFIRM_EVERY: u64 = 10;
+/// Bytes the fold marks may hold: about 100 bytes a thread, so some 160,000 threads.
+const MARKS_BYTES: u64 = 16 << 20;
+
+/// What this process knows about a thread it folded.
+#[derive(Debug, Clone, Copy)]
+struct Mark {
+    /// The last log sequence the fold covered.
+    seq: u64,
+    /// When (Unix ms) the first entry kept for retries leaves the keep window, so that a fold
+    /// would trim; `None` when the fold kept nothing.
+    trim_at: Option<i64>,
+    /// The subject's entry count when a pass confirmed `seq` as its last entry.
+    count: Option<u64>,
+    /// The pass that confirmed it.
+    confirmed: u64,
+}
+
+/// Weighs marks by their id's length.
+#[derive(Clone)]
+struct MarkWeight;
+
+impl quick_cache::Weighter<ThreadId, Mark> for MarkWeight {
+    fn weight(&self, id: &ThreadId, _: &Mark) -> u64 {
+        id.as_str().len() as u64 + 72
+    }
+}
+
+/// Per-thread fold marks, bounded in bytes (see the module docs).
+pub(super) struct Marks(quick_cache::sync::Cache<ThreadId, Mark, MarkWeight>);
+
+impl Default for Marks {
+    fn default() -> Self {
+        Marks(quick_cache::sync::Cache::with_weighter(
+            (MARKS_BYTES / 100) as usize,
+            MARKS_BYTES,
+            MarkWeight,
+        ))
+    }
+}
+
+impl Marks {
+    /// A fold covered the log up to `seq`; its kept entries are due for trimming at `trim_at`.
+    pub fn folded(&self, id: &ThreadId, seq: u64, trim_at: Option<i64>) {
+        let mark = Mark {
+            seq,
+            trim_at,
+            count: None,
+            confirmed: 0,
+        };
+        self.0.insert(id.clone(), mark);
+    }
+
+    /// The thread is gone (or its log is empty).
+    pub fn forget(&self, id: &ThreadId) {
+        self.0.remove(id);
+    }
+
+    fn get(&self, id: &ThreadId) -> Option<Mark> {
+        self.0.get(id)
+    }
+
+    fn confirm(&self, id: &ThreadId, mut mark: Mark, count: u64, pass: u64) {
+        mark.count = Some(count);
+        mark.confirmed = pass;
+        self.0.insert(id.clone(), mark);
+    }
+}
+
+impl Buffered {
+    /// Folds threads whose newest entry is older than the idle age, until cancelled;
+    /// failures back off per thread, doubling up to [`MAX_FOLD_BACKOFF`].
+    pub(super) async fn sweep(self: Arc<Self>, shutdown: CancellationToken) {
+        let interval = (self.fold_idle / 2).max(Duration::from_millis(100));
+        let mut backoff: HashMap<ThreadId, (tokio::time::Instant, Duration)> = HashMap::new();
+        let mut pass = 0u64;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+            pass += 1;
+            let Ok(subjects) = self.log.subjects().await else {
+                continue;
+            };
+            let listed: HashSet<&ThreadId> = subjects.iter().map(|(id, _)| id).collect();
+            backoff.retain(|id, _| listed.contains(id));
+            let mut pending = PendingScan::default();
+            for (id, count) in &subjects {
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                let mark = self.marks.get(id);
+                let now = now_ms();
+                let trim_due = mark.is_some_and(|m| m.trim_at.is_some_and(|t| now >= t));
+                if let Some(m) = mark
+                    && !trim_due
+                    && m.count == Some(*count)
+                    && pass - m.confirmed < CONFIRM_EVERY
+                {
+                    continue;
+                }
+                let last = self.log.last(id).await;
+                // Nothing new since this process folded it: at most a trim to do.
+                let mut trim_only = false;
+                if let (Ok(Some(l)), Some(m)) = (&last, mark)
+                    && l.seq == m.seq
+                {
+                    if !trim_due {
+                        self.marks.confirm(id, m, *count, pass);
+                        continue;
+                    }
+                    trim_only = true;
+                }
+                if let Ok(Some(last)) = &last
+                    && !trim_only
+                {
+                    pending.observe(&self, id, last).await;
+                }
+                if backoff
+                    .get(id)
+                    .is_some_and(|(until, _)| *until > tokio::time::Instant::now())
+                {
+                    continue;
+                }
+                let idle = match last {
+                    Ok(Some(last)) => {
+                        now - last.at >= self.fold_idle.as_millis() as i64
+                            || last.body == Body::Deleted
+                            || trim_only
+                    }
+                    _ => false,
+                };
+                if !idle {
+                    continue;
+                }
+                match self.fold(id).await {
+                    Ok(_) | Err(Error::Store(crate::store::StoreError::NotFound)) => {
+                        backoff.remove(id);
+                    }
+                    Err(_) => {
+                        let next = backoff
+                            .get(id)
+                            .map_or(interval, |(_, d)| (*d * 2).min(MAX_FOLD_BACKOFF));
+                        backoff.insert(id.clone(), (tokio::time::Instant::now() + next, next));
+                    }
+                }
+            }
+            pending.publish(&self);
+        }
+    }
+}
