@@ -168,6 +168,37 @@ async fn concurrent_start_up_migrates_once() {
     b.expect("second store");
 }
 
+/// A rolling upgrade (or a rollback): a replica of an older version starts on a schema that
+/// a newer version has migrated further, and keeps working.
+#[tokio::test]
+async fn starts_on_a_schema_migrated_by_a_newer_version() {
+    use threadgate::id::ThreadId;
+    use threadgate::model::Thread;
+    use threadgate::store::Store;
+
+    let (store, schema) = fresh_store().await;
+    drop(store);
+    let mut conn = admin_connection().await;
+    sqlx::query(&format!(
+        "INSERT INTO {}._sqlx_migrations (version, description, success, checksum, \
+         execution_time) VALUES (99999, 'from a newer version', true, '\\x00'::bytea, 1)",
+        schema.name
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let store = PostgresStore::connect_with(schema.options(), &Default::default())
+        .await
+        .expect("an older version starts on a newer schema");
+    let id = ThreadId::parse("after-upgrade").unwrap();
+    store
+        .create(&id, Thread::new("after-upgrade"))
+        .await
+        .unwrap();
+    assert_eq!(store.version(&id).await.unwrap(), 0);
+    drop(store);
+}
+
 #[tokio::test]
 async fn unreachable_server_is_unavailable() {
     use threadgate::id::ThreadId;

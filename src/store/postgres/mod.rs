@@ -56,7 +56,14 @@ use tokio_util::sync::CancellationToken;
 
 /// The schema, embedded at compile time. `Migrator::run` takes a PostgreSQL advisory lock
 /// (locking is on by default in sqlx 0.8), so replicas starting together migrate once.
-static MIGRATOR: Migrator = sqlx::migrate!();
+/// Migrations this build does not know (applied by a newer version during a rolling
+/// upgrade, or before a rollback) are ignored rather than refused: they are additive, so an
+/// older replica keeps working on the newer schema.
+fn migrator() -> Migrator {
+    let mut m = sqlx::migrate!();
+    m.set_ignore_missing(true);
+    m
+}
 
 /// `BEGIN` of a write transaction.
 const BEGIN_WRITE: &str = "BEGIN";
@@ -150,7 +157,7 @@ impl PostgresStore {
         let mut conn = PgConnection::connect_with(&connect)
             .await
             .map_err(connect_error)?;
-        MIGRATOR
+        migrator()
             .run(&mut conn)
             .await
             .map_err(|e| anyhow::anyhow!("PostgreSQL migration failed: {e}"))?;
