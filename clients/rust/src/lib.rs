@@ -26,7 +26,8 @@
 //!   surface as [`ThreadStoreError::Io`]. A retried `create` or `save` whose first attempt may
 //!   have been applied first checks whether it was.
 //! * **Errors** map onto [`ThreadStoreError`]: `404` → `NotFound`, `412` → `VersionConflict`
-//!   with both versions, `409` → `AlreadyExists`, `invalid_id` → `InvalidId`, other `400`s →
+//!   with both versions, `409` → `AlreadyExists` (but `409 idempotency_key_expired` → `Io`:
+//!   the write was accepted long ago), `invalid_id` → `InvalidId`, other `400`s →
 //!   `Serialization` with the problem's detail.
 //! * **Read-your-writes.** Reads use the gateway's live view, so in buffered mode a load
 //!   right after an append sees it before it is folded into the store.

@@ -271,6 +271,14 @@ pub(crate) fn problem(answer: &Answer, ctx: Ctx<'_>) -> ThreadStoreError {
         .unwrap_or_else(|| format!("HTTP {}", answer.status));
     match answer.status {
         StatusCode::NOT_FOUND => ThreadStoreError::NotFound(ctx.thread_id.to_owned()),
+        // A retried append whose original was accepted long ago and is no longer known: the
+        // delta is in the thread, at a version the gateway can no longer name.
+        StatusCode::CONFLICT if p.code.as_deref() == Some("idempotency_key_expired") => {
+            ThreadStoreError::Io(io::Error::other(format!(
+                "threadgate: the append was accepted earlier, its version is no longer known: \
+                 {detail}"
+            )))
+        }
         StatusCode::CONFLICT => ThreadStoreError::AlreadyExists,
         StatusCode::PRECONDITION_FAILED => ThreadStoreError::VersionConflict {
             expected: ctx.expected.unwrap_or_default(),
@@ -387,5 +395,30 @@ mod tests {
                 .as_millis();
             assert!((1000..=2000).contains(&d), "{d}");
         }
+    }
+
+    #[test]
+    fn conflicts_map_by_their_code() {
+        use super::{Answer, Ctx, problem};
+        use reqwest::StatusCode;
+        use tirea_contract::storage::ThreadStoreError;
+        let conflict = |code: &str| Answer {
+            status: StatusCode::CONFLICT,
+            body: format!(r#"{{"code":"{code}","detail":"gone"}}"#).into(),
+        };
+        let ctx = || Ctx {
+            thread_id: "t",
+            expected: None,
+        };
+        let expired = problem(&conflict("idempotency_key_expired"), ctx());
+        assert!(
+            matches!(&expired, ThreadStoreError::Io(e) if e.to_string().contains("gone")),
+            "{expired:?}"
+        );
+        let exists = problem(&conflict("already_exists"), ctx());
+        assert!(
+            matches!(exists, ThreadStoreError::AlreadyExists),
+            "{exists:?}"
+        );
     }
 }
