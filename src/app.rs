@@ -236,6 +236,9 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
     let state = AppState {
         threads,
         hub: parts.hub,
+        snapshots: Arc::new(crate::http::snapshots::Snapshots::new(
+            config.snapshot_cache as u64,
+        )),
         metrics: Arc::new(registry),
         max_body: config.max_body,
         assets: crate::http::assets::Assets::new(config.static_dir.clone()),

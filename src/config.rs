@@ -122,6 +122,11 @@ pub struct Config {
     #[arg(long, env = "THREADGATE_HEAD_CACHE", default_value = "64MiB", value_parser = parse_size)]
     pub head_cache: usize,
 
+    /// Bytes of rendered snapshot bodies kept for `GET /v1/threads/{id}` (each kept by thread
+    /// with the version it reflects, so a poll of an unchanged thread is not rendered again).
+    #[arg(long, env = "THREADGATE_SNAPSHOT_CACHE", default_value = "32MiB", value_parser = parse_size)]
+    pub snapshot_cache: usize,
+
     /// How long start-up keeps retrying an unreachable PostgreSQL or NATS before giving up.
     #[arg(long, env = "THREADGATE_STARTUP_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub startup_timeout: std::time::Duration,

@@ -48,6 +48,7 @@
 //!
 //! Errors cross the layers as [`store::StoreError`] and [`write::Error`]; the HTTP edge
 //! turns them into `application/problem+json` answers in [`http::error`].
+#![warn(missing_docs)]
 
 pub mod app;
 pub mod auth;

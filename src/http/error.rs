@@ -10,49 +10,112 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+/// Everything a request can fail with, each variant with one status and one stable `code`
+/// (see [`ApiError::status`] and [`ApiError::code`]); `5xx` bodies never carry internals.
+/// Fields named `field` say which part of the request was at fault (a JSON path such as
+/// `patches[0].patch.ops[2]`, a query parameter or a header), `message` says why.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
+    /// The body is not JSON, or not the shape the route takes (`400 invalid_json`).
     #[error("request body is not valid JSON: {0}")]
     BadJson(String),
+    /// A field with a value the route refuses (`400 invalid_field`).
     #[error("{field}: {message}")]
-    InvalidField { field: String, message: String },
-    #[error("{field}: unknown patch op {op:?}")]
-    UnknownOp { field: String, op: String },
-    #[error("{field}: invalid {}: {message}", if field == "run_id" { "run id" } else { "thread id" })]
-    InvalidId { field: String, message: String },
-    #[error("{field}: {message}")]
-    InvalidPatch { field: String, message: String },
-    /// A size, depth or count the server bounds (see the README's limits).
-    #[error("{field}: {message}")]
-    LimitExceeded { field: String, message: String },
-    #[error("query parameter {field}: {message}")]
-    InvalidQuery { field: String, message: String },
-    #[error("header {header}: {message}")]
-    InvalidHeader {
-        header: &'static str,
+    InvalidField {
+        /// Where in the body.
+        field: String,
+        /// Why.
         message: String,
     },
+    /// A patch op this server does not know (`400 unknown_op`).
+    #[error("{field}: unknown patch op {op:?}")]
+    UnknownOp {
+        /// Where in the body.
+        field: String,
+        /// The op's name as sent.
+        op: String,
+    },
+    /// A thread or run id that breaks the id rules (`400 invalid_id`).
+    #[error("{field}: invalid {}: {message}", if field == "run_id" { "run id" } else { "thread id" })]
+    InvalidId {
+        /// Where the id was (path, body field).
+        field: String,
+        /// Which rule it breaks.
+        message: String,
+    },
+    /// A patch that does not apply to the current state (`400 invalid_patch`).
+    #[error("{field}: {message}")]
+    InvalidPatch {
+        /// The op at fault.
+        field: String,
+        /// Why it does not apply.
+        message: String,
+    },
+    /// A size, depth or count the server bounds (see the README's limits).
+    #[error("{field}: {message}")]
+    LimitExceeded {
+        /// What is too large.
+        field: String,
+        /// The limit.
+        message: String,
+    },
+    /// A query parameter that does not parse (`400 invalid_query`).
+    #[error("query parameter {field}: {message}")]
+    InvalidQuery {
+        /// The parameter.
+        field: String,
+        /// Why.
+        message: String,
+    },
+    /// A header that does not parse (`400 invalid_header`).
+    #[error("header {header}: {message}")]
+    InvalidHeader {
+        /// The header's name.
+        header: &'static str,
+        /// Why.
+        message: String,
+    },
+    /// No such thread (or run), or not the caller's (`404 not_found`).
     #[error("{0} not found")]
     NotFound(&'static str),
+    /// Creating a thread whose id exists (`409 already_exists`).
     #[error("thread already exists")]
     AlreadyExists,
+    /// `If-Match` named another version (`412 version_mismatch`).
     #[error("If-Match: expected version {expected}, current version is {current}")]
-    VersionMismatch { expected: u64, current: u64 },
+    VersionMismatch {
+        /// The version the request expected.
+        expected: u64,
+        /// The thread's version (omitted for a caller who may not see the thread).
+        current: u64,
+    },
+    /// An `Idempotency-Key` reused with another body (`422 idempotency_key_reused`).
     #[error("Idempotency-Key was already used with a different request body")]
     IdempotencyKeyReused,
+    /// A retried `Idempotency-Key` whose original was accepted long ago and can no longer be
+    /// named (`409 idempotency_key_expired`).
     #[error(
         "the write with this Idempotency-Key was accepted earlier and is no longer known; \
          it was not applied again"
     )]
     IdempotencyKeyExpired,
+    /// The body did not arrive within `--body-read-timeout` (`408 request_timeout`).
     #[error("the request body did not arrive within {0:?}")]
     RequestTimeout(std::time::Duration),
+    /// A body over `--max-body` (`413 payload_too_large`).
     #[error("request body is larger than the limit of {limit} bytes")]
-    PayloadTooLarge { limit: usize },
+    PayloadTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// A body that is not `application/json` (`415 unsupported_media_type`).
     #[error("Content-Type must be application/json")]
     UnsupportedMediaType,
+    /// A route that exists, with another method (`405 method_not_allowed`).
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// A backend (the store, NATS) cannot be reached or did not answer in time
+    /// (`503 unavailable`, with `Retry-After`); nothing was lost.
     #[error("{0} is unavailable; retry later")]
     Unavailable(&'static str),
     /// A missing or refused credential (`401`, with `WWW-Authenticate: Bearer`).
@@ -61,7 +124,9 @@ pub enum ApiError {
     /// A valid credential that may not do this (`403`).
     #[error("{message}")]
     Forbidden {
+        /// The field naming another resource, when one does.
         field: Option<String>,
+        /// Why.
         message: String,
     },
     /// An event stream over a stream limit (`429`).
@@ -73,8 +138,11 @@ pub enum ApiError {
          it (with the same Idempotency-Key for an append)"
     )]
     Timeout(std::time::Duration),
+    /// A buffered entry that no longer applies stops its thread's fold
+    /// (`500 fold_blocked`, naming the entry).
     #[error("{0}")]
     FoldBlocked(String),
+    /// A bug or an unexpected backend answer (`500 internal`): logged, never shown.
     #[error("internal error")]
     Internal(String),
 }
@@ -83,20 +151,28 @@ pub enum ApiError {
 /// and the thread's current version.
 #[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
 pub struct Problem {
+    /// A URN naming the kind of problem (`urn:threadgate:problem:<code>`).
     #[serde(rename = "type")]
     pub kind: String,
+    /// The status's reason phrase.
     pub title: String,
+    /// The HTTP status.
     pub status: u16,
+    /// What went wrong, for people (names the field at fault).
     pub detail: String,
     /// Stable machine-readable error code, e.g. `invalid_field`, `version_mismatch`.
     pub code: String,
+    /// The part of the request at fault: a JSON path into the body, a query parameter or a
+    /// header.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
+    /// On `412`: the thread's current version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_version: Option<u64>,
 }
 
 impl ApiError {
+    /// The HTTP status this error answers.
     pub fn status(&self) -> StatusCode {
         use ApiError::*;
         match self {
@@ -125,6 +201,7 @@ impl ApiError {
         }
     }
 
+    /// The stable machine-readable code of the problem body.
     pub fn code(&self) -> &'static str {
         use ApiError::*;
         match self {
@@ -170,6 +247,7 @@ impl ApiError {
         }
     }
 
+    /// The problem body (opaque for `5xx`).
     pub fn problem(&self) -> Problem {
         let status = self.status();
         Problem {

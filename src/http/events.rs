@@ -24,6 +24,7 @@ use utoipa::IntoParams;
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
+/// Query of `GET /v1/threads/{id}/events`.
 pub struct EventsParams {
     /// Continue after this version (the `version` of a snapshot you loaded, or the last event
     /// `id` you applied). With `Last-Event-ID` too, the later of the two is used (a browser's
@@ -111,6 +112,7 @@ Idle streams get a comment `: keep-alive <version>` (every 15 s by default) carr
 version the stream has reached. The stream follows the thread across runs until the thread is \
 deleted, the client leaves, or the server shuts down.";
 
+/// Follow a thread live over Server-Sent Events (each event's `id` is its version).
 #[utoipa::path(get, path = "/v1/threads/{id}/events", tag = "threads",
     params(super::doc::ThreadIdParam, EventsParams, super::doc::LastEventIdParam),
     responses(

@@ -17,7 +17,9 @@ const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 
 /// A JSON body parsed into `T`; keeps the raw bytes for idempotency fingerprints.
 pub struct JsonBody<T> {
+    /// The parsed body.
     pub value: T,
+    /// The body as it arrived.
     pub bytes: Bytes,
 }
 

@@ -27,6 +27,7 @@ const MAX_LIMIT: usize = crate::store::HISTORY_LIMIT;
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
+/// Query of `GET /v1/threads/{id}/deltas`.
 pub struct HistoryParams {
     /// Writes after this version (default 0: from the start).
     pub after: Option<u64>,
@@ -41,15 +42,23 @@ pub struct HistoryParams {
 pub enum HistoryEntry {
     /// A delta appended at `version`.
     Delta {
+        /// The version it produced.
         version: u64,
         /// The tirea ChangeSet exactly as applied.
         delta: ChangeSet,
     },
     /// A full save (`PUT`) at `version`: the whole thread as saved (custom metadata only).
-    Snapshot { version: u64, thread: Thread },
+    Snapshot {
+        /// The version it produced.
+        version: u64,
+        /// The thread as saved.
+        thread: Thread,
+    },
     /// A metadata merge patch at `version` (`null` removes a key).
     Metadata {
+        /// The version it produced.
         version: u64,
+        /// The merge patch.
         #[schema(value_type = Object)]
         metadata: Extra,
     },
@@ -72,6 +81,7 @@ pub struct HistoryPage {
     pub has_more: bool,
 }
 
+/// Page through a thread's past writes, oldest first.
 #[utoipa::path(get, path = "/v1/threads/{id}/deltas", tag = "threads",
     params(ThreadIdParam, HistoryParams),
     responses((status = 200, body = HistoryPage, description = "The writes after `after`, oldest first (includes what is still buffered)"),

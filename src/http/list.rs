@@ -16,7 +16,9 @@ use utoipa::{IntoParams, ToSchema};
 /// A page of the thread list.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ThreadList {
+    /// The threads of this page, in the order asked for.
     pub threads: Vec<ThreadSummary>,
+    /// Whether another page follows (then `next_cursor` is set).
     pub has_more: bool,
     /// Pass as `cursor` to get the next page.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -26,8 +28,11 @@ pub struct ThreadList {
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
+/// Query of `GET /v1/threads`.
 pub struct ListParams {
+    /// Only threads of this `resource_id` (a scoped caller sees only its own anyway).
     pub resource_id: Option<String>,
+    /// Only children of this thread.
     pub parent_thread_id: Option<String>,
     /// `id` (default), `created_at` or `updated_at` (the last write the store holds; in
     /// buffered mode that moves when the buffered tail is folded). Ties are broken by id.
@@ -44,6 +49,7 @@ pub struct ListParams {
     pub cursor: Option<String>,
 }
 
+/// List threads, filtered and ordered, with keyset cursors.
 #[utoipa::path(get, path = "/v1/threads", tag = "threads", params(ListParams),
     responses((status = 200, body = ThreadList), (status = 400, body = Problem, content_type = "application/problem+json")))]
 pub async fn list(

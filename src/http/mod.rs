@@ -13,6 +13,7 @@ pub mod extract;
 pub mod history;
 pub mod list;
 pub mod serve;
+pub mod snapshots;
 pub mod threads;
 
 use crate::live::Hub;
@@ -36,6 +37,8 @@ pub struct AppState {
     pub threads: Arc<Threads>,
     /// Live streams.
     pub hub: Arc<Hub>,
+    /// Rendered snapshot bodies, shared by every read of the same version.
+    pub snapshots: Arc<snapshots::Snapshots>,
     /// Prometheus metrics served at `/metrics`.
     pub metrics: Arc<prometheus_client::registry::Registry>,
     /// Largest accepted request body, in bytes.
@@ -94,6 +97,7 @@ or save a thread with another `resource_id` (`403`; one left out is filled in)."
     modifiers(&CommonResponses),
     tags((name = "threads"), (name = "runs"), (name = "ops"))
 )]
+/// The OpenAPI document, generated from the handlers and schemas (see [`openapi_json`]).
 pub struct ApiDoc;
 
 /// The OpenAPI document as served at `/openapi.json` and committed at `openapi/openapi.json`.
@@ -149,8 +153,10 @@ pub fn router(state: AppState) -> Router {
     }
 }
 
+/// Body of `/healthz` and `/readyz`.
 #[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
 pub struct Health {
+    /// `ok`, or what is not ready.
     pub status: String,
 }
 

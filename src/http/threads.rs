@@ -29,6 +29,7 @@ const MAX_LIMIT: usize = 200;
 /// A thread snapshot: tirea's `Thread` plus the version it reflects.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ThreadView {
+    /// The thread, in tirea's JSON form.
     #[serde(flatten)]
     pub thread: Thread,
     /// The thread version this snapshot reflects (also the `ETag`).
@@ -40,7 +41,7 @@ pub struct ThreadView {
 }
 
 impl ThreadView {
-    fn of(snap: &crate::store::Snapshot) -> Self {
+    pub(crate) fn of(snap: &crate::store::Snapshot) -> Self {
         ThreadView {
             version: snap.version,
             incarnation: snap.incarnation,
@@ -60,7 +61,9 @@ pub struct CreateThread {
         pattern = r"^(?:[^\x00-\x1F\x7F-\x9F/\\?#%]*[^\x00-\x1F\x7F-\x9F/\\?#%.][^\x00-\x1F\x7F-\x9F/\\?#%]*|\.{3,})$"
     )]
     pub id: Option<String>,
+    /// The owner (user, tenant) the thread belongs to; a scoped caller's own by default.
     pub resource_id: Option<String>,
+    /// The thread this one was spawned from.
     pub parent_thread_id: Option<String>,
     /// The initial state: any JSON value (default `{}`).
     #[serde(default)]
@@ -70,7 +73,9 @@ pub struct CreateThread {
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<Extra>,
+    /// Initial messages.
     pub messages: Option<Vec<Message>>,
+    /// Initial patches, applied to `state` in order.
     pub patches: Option<Vec<TrackedPatch>>,
 }
 
@@ -85,15 +90,21 @@ pub struct ReplaceThread {
         pattern = r"^(?:[^\x00-\x1F\x7F-\x9F/\\?#%]*[^\x00-\x1F\x7F-\x9F/\\?#%.][^\x00-\x1F\x7F-\x9F/\\?#%]*|\.{3,})$"
     )]
     pub id: Option<String>,
+    /// The owner; moving a thread to another owner is an admin's write.
     pub resource_id: Option<String>,
+    /// The thread this one was spawned from.
     pub parent_thread_id: Option<String>,
+    /// Every message of the thread (messages keep their cursors by position).
     #[serde(default)]
     pub messages: Vec<Message>,
+    /// The base state.
     #[serde(default)]
     #[schema(value_type = Value)]
     pub state: Value,
+    /// Patches applied to `state` in order.
     #[serde(default)]
     pub patches: Vec<TrackedPatch>,
+    /// Custom metadata keys (the server's own keys are ignored).
     #[serde(default)]
     #[schema(value_type = Object)]
     pub metadata: Extra,
@@ -102,12 +113,14 @@ pub struct ReplaceThread {
 /// The version a write produced.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct VersionBody {
+    /// The thread's version after the write.
     pub version: u64,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
+/// Query of `GET /v1/threads/{id}/messages`.
 pub struct MessageParams {
     /// Exclusive lower cursor bound.
     pub after: Option<u64>,
@@ -116,8 +129,12 @@ pub struct MessageParams {
     /// 1..200, default 50.
     #[param(minimum = 1, maximum = 200)]
     pub limit: Option<usize>,
+    /// `asc` (default: oldest first) or `desc`.
     pub order: Option<Order>,
+    /// `all` (default: messages visible to everyone), `internal` (only internal ones) or
+    /// `any` (both).
     pub visibility: Option<VisibilityFilter>,
+    /// Only messages of this run.
     pub run_id: Option<String>,
     /// `store` (default) or `live` (merges the buffered tail).
     pub view: Option<View>,
@@ -126,6 +143,7 @@ pub struct MessageParams {
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
+/// The `view` query parameter of thread reads.
 pub struct ViewParams {
     /// `store` (default): the folded snapshot; `live`: merges the buffered tail
     /// (read-your-writes). Either way `version` says which version the answer reflects.
@@ -146,14 +164,19 @@ pub struct AppendBody {
 /// A message with its stable cursor (its 0-based position in the thread).
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct CursorMessage {
+    /// The message's position in the thread, stable across writes.
     pub cursor: u64,
+    /// The message, in tirea's JSON form.
     #[serde(flatten)]
     pub message: Message,
 }
 
+/// A page of a thread's messages.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct MessagePageBody {
+    /// The messages, in the order asked for.
     pub messages: Vec<CursorMessage>,
+    /// Whether more follow in that order.
     pub has_more: bool,
     /// Continue in the same order from here (`after` for asc, `before` for desc).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -162,14 +185,17 @@ pub struct MessagePageBody {
     /// not start at the beginning.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prev_cursor: Option<u64>,
+    /// The thread version the page reflects.
     pub version: u64,
 }
 
+/// A thread's current state.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct StateBody {
     /// The current state (any JSON value).
     #[schema(value_type = Value)]
     pub state: Value,
+    /// The thread version it reflects.
     pub version: u64,
 }
 
@@ -212,6 +238,7 @@ fn location(id: &ThreadId) -> String {
     out
 }
 
+/// Create a thread (id chosen by the client or generated).
 #[utoipa::path(post, path = "/v1/threads", tag = "threads", request_body = CreateThread,
     responses((status = 201, description = "Created", body = ThreadView, headers(("Location" = String), ("ETag" = String))),
         (status = 400, body = Problem, content_type = "application/problem+json"),
@@ -256,6 +283,7 @@ pub async fn create(
         .into_response())
 }
 
+/// Read a thread's snapshot and the version it reflects.
 #[utoipa::path(get, path = "/v1/threads/{id}", tag = "threads",
     params(ThreadIdParam, ViewParams, IfNoneMatchParam),
     responses((status = 200, body = ThreadView, headers(("ETag" = String))), (status = 304, description = "Not modified"),
@@ -268,15 +296,23 @@ pub async fn get(
     inm: IfNoneMatch,
 ) -> Result<Response, ApiError> {
     let view = p.view.unwrap_or_default();
-    let current = app.threads.version(&caller.scope, &id, view).await?;
-    if inm.matches(current) {
-        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag(current))]).into_response());
+    let stamp = app.threads.stamp(&caller.scope, &id, view).await?;
+    if inm.matches(stamp.version) {
+        return Ok((
+            StatusCode::NOT_MODIFIED,
+            [(header::ETAG, etag(stamp.version))],
+        )
+            .into_response());
     }
-    let snap = app.threads.get(&caller.scope, &id, view).await?;
-    let view = ThreadView::of(&snap);
-    Ok(with_etag(view.version, Json(view)))
+    let (version, body) = app
+        .snapshots
+        .get(&app.threads, &caller.scope, &id, view, stamp)
+        .await?;
+    let json = HeaderValue::from_static("application/json");
+    Ok(with_etag(version, ([(header::CONTENT_TYPE, json)], body)))
 }
 
+/// Replace a thread as a whole (a full save).
 #[utoipa::path(put, path = "/v1/threads/{id}", tag = "threads", request_body = ReplaceThread,
     params(ThreadIdParam, IfMatchParam),
     responses((status = 200, body = VersionBody), (status = 400, body = Problem, content_type = "application/problem+json"),
@@ -313,6 +349,7 @@ pub async fn replace(
     Ok(with_etag(version, Json(VersionBody { version })))
 }
 
+/// Merge-patch a thread's custom metadata.
 #[utoipa::path(patch, path = "/v1/threads/{id}", tag = "threads",
     request_body(content = Object, description = "JSON merge patch of custom metadata keys; null removes a key"),
     params(ThreadIdParam, IfMatchParam),
@@ -332,6 +369,7 @@ pub async fn patch_metadata(
     Ok(with_etag(version, Json(VersionBody { version })))
 }
 
+/// Delete a thread with everything it has.
 #[utoipa::path(delete, path = "/v1/threads/{id}", tag = "threads",
     params(ThreadIdParam, IfMatchParam),
     responses((status = 204, description = "Deleted"), (status = 404, body = Problem, content_type = "application/problem+json"),
@@ -346,6 +384,7 @@ pub async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Append a delta (a tirea ChangeSet) as the thread's next version.
 #[utoipa::path(post, path = "/v1/threads/{id}/deltas", tag = "threads", request_body = ChangeSet,
     params(ThreadIdParam, IfMatchParam, IdempotencyKeyParam),
     responses((status = 200, body = AppendBody, headers(("ETag" = String), ("Idempotent-Replayed" = String))),
@@ -384,6 +423,7 @@ pub async fn append(
     Ok(res)
 }
 
+/// Page through a thread's messages.
 #[utoipa::path(get, path = "/v1/threads/{id}/messages", tag = "threads",
     params(ThreadIdParam, MessageParams),
     responses((status = 200, body = MessagePageBody), (status = 400, body = Problem, content_type = "application/problem+json"),
@@ -431,6 +471,7 @@ pub async fn messages(
     Ok(with_etag(body.version, Json(body)))
 }
 
+/// Read a thread's current state.
 #[utoipa::path(get, path = "/v1/threads/{id}/state", tag = "threads", params(ThreadIdParam, ViewParams),
     responses((status = 200, body = StateBody), (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub async fn state(
@@ -452,6 +493,7 @@ pub async fn state(
     ))
 }
 
+/// List a thread's run records.
 #[utoipa::path(get, path = "/v1/threads/{id}/runs", tag = "runs", params(ThreadIdParam, ViewParams),
     responses((status = 200, body = Vec<RunRecord>), (status = 404, body = Problem, content_type = "application/problem+json")))]
 pub async fn runs(
@@ -467,6 +509,7 @@ pub async fn runs(
     ))
 }
 
+/// Read one run record.
 #[utoipa::path(get, path = "/v1/threads/{id}/runs/{run_id}", tag = "runs",
     params(RunPathParams),
     responses((status = 200, body = RunRecord), (status = 404, body = Problem, content_type = "application/problem+json")))]
@@ -479,6 +522,7 @@ pub async fn run(
     Ok(Json(app.threads.run(&caller.scope, &id, &run_id).await?))
 }
 
+/// Fold a thread's buffered writes into the store now.
 #[utoipa::path(post, path = "/v1/threads/{id}/flush", tag = "threads", params(ThreadIdParam),
     responses((status = 200, body = FoldReport, description = "The store now reflects `version`"),
         (status = 404, body = Problem, content_type = "application/problem+json"),

@@ -277,6 +277,7 @@ impl<P: Persist> Store for Records<P> {
             Ok(Owner {
                 resource_id: r.thread.resource_id.clone(),
                 version: r.version,
+                incarnation: r.incarnation,
             })
         })
         .await

@@ -193,6 +193,8 @@ pub struct Owner {
     pub resource_id: Option<String>,
     /// The version the store holds.
     pub version: u64,
+    /// Which life of the id that version belongs to (versions restart at a re-create).
+    pub incarnation: Incarnation,
 }
 
 /// The result of an append.

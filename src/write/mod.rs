@@ -180,6 +180,15 @@ fn admitted(scope: &Scope, thread: &Thread) -> Result<()> {
     }
 }
 
+/// Where a view of a thread stands (see [`Threads::stamp`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    /// The version the view reflects.
+    pub version: u64,
+    /// The incarnation, when the view is the store's snapshot at `version`.
+    pub stored: Option<Incarnation>,
+}
+
 /// The thread operations the HTTP layer calls: writes through the chosen [`WritePath`],
 /// reads from the store or the live view, each for a caller's [`Scope`].
 pub struct Threads {
@@ -316,20 +325,35 @@ impl Threads {
         }
     }
 
-    /// The version the view has reached (cheap: for `If-None-Match`; for a scoped caller the
-    /// owner lookup already read the stored version, so revalidating costs one lookup either
-    /// way).
+    /// The version the view has reached (cheap: for `If-None-Match`; one key lookup of the
+    /// owner, which also checks the scope).
     pub async fn version(&self, scope: &Scope, id: &ThreadId, view: View) -> Result<u64> {
-        let owner = guard(&*self.store, scope, id).await?;
+        Ok(self.stamp(scope, id, view).await?.version)
+    }
+
+    /// The version the view has reached and, when that is exactly the store's snapshot, which
+    /// life of the thread it belongs to: enough to name a rendered snapshot in a cache.
+    pub async fn stamp(&self, scope: &Scope, id: &ThreadId, view: View) -> Result<Stamp> {
+        let owner = self.store.owner(id).await?;
+        if scope
+            .resource()
+            .is_some_and(|own| owner.resource_id.as_deref() != Some(own))
+        {
+            return Err(StoreError::NotFound.into());
+        }
         if view == View::Live
             && let Some(v) = self.writes.live_version(id).await?
         {
-            return Ok(v);
+            // The live view of the buffered mode: never named by the store's stamp.
+            return Ok(Stamp {
+                version: v,
+                stored: None,
+            });
         }
-        match owner {
-            Some(o) => Ok(o.version),
-            None => Ok(self.store.version(id).await?),
-        }
+        Ok(Stamp {
+            version: owner.version,
+            stored: Some(owner.incarnation),
+        })
     }
 
     /// A page of messages as the view sees them.

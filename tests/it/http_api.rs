@@ -19,6 +19,7 @@ each_backend!(
     list_ordering,
     tricky_ids,
     wire_values_round_trip,
+    snapshot_reads_follow_every_write,
 );
 
 async fn create_read_revalidate(gw: Gateway) {
@@ -550,6 +551,46 @@ async fn replace_patch_delete(gw: Gateway) {
     expect_problem(res, StatusCode::NOT_FOUND, "not_found").await;
     // The id can be used again.
     assert_eq!(gw.create(json!({"id": "t"})).await["version"], 0);
+    gw.stop().await;
+}
+
+/// Snapshot bodies are rendered once per version and shared (`--snapshot-cache`): every
+/// write, and a delete and re-create at the same version, must still show in the next read.
+async fn snapshot_reads_follow_every_write(gw: Gateway) {
+    let first = gw
+        .create(json!({"id": "s", "messages": [{"role": "user", "content": "first"}]}))
+        .await;
+    let read = gw.get_json("/v1/threads/s").await;
+    assert_eq!(read, first);
+    assert_eq!(gw.get_json("/v1/threads/s").await, read, "a repeated read");
+
+    // Same id, same version 0, other content: only the incarnation tells them apart.
+    let del = gw.send(Method::DELETE, "/v1/threads/s", None).await;
+    assert_eq!(del.status(), StatusCode::NO_CONTENT);
+    let second = gw
+        .create(json!({"id": "s", "messages": [{"role": "user", "content": "second"}]}))
+        .await;
+    assert_eq!(second["version"], 0);
+    let read = gw.get_json("/v1/threads/s").await;
+    assert_eq!(read["messages"][0]["content"], "second");
+    assert_eq!(read, second);
+
+    assert_eq!(gw.append("s", delta_msg("r", None, "third")).await, 1);
+    let read = gw.get_json("/v1/threads/s").await;
+    assert_eq!(read["version"], 1);
+    assert_eq!(read["messages"][1]["content"], "third");
+
+    let patch = gw
+        .send(Method::PATCH, "/v1/threads/s", Some(&json!({"title": "t"})))
+        .await;
+    assert_eq!(patch.status(), StatusCode::OK);
+    let read = gw.get_json("/v1/threads/s").await;
+    assert_eq!(read["version"], 2);
+    assert_eq!(read["metadata"]["title"], "t");
+    let res = gw.get("/v1/threads/s").await;
+    assert_eq!(res.headers()["content-type"], "application/json");
+    assert_eq!(res.headers()["etag"], "\"2\"");
+    assert_eq!(gw.get_json("/v1/threads/s?view=live").await, read);
     gw.stop().await;
 }
 

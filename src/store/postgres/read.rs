@@ -83,16 +83,17 @@ pub async fn incarnation(pool: &PgPool, id: &ThreadId) -> Result<Incarnation> {
 
 /// [`crate::store::Store::owner`]: the primary key lookup of `version`, with `resource_id`.
 pub async fn owner(pool: &PgPool, id: &ThreadId) -> Result<crate::store::Owner> {
-    let row: Option<(Option<String>, i64)> =
-        sqlx::query_as("SELECT resource_id, version FROM threads WHERE id = $1")
+    let row: Option<(Option<String>, i64, i64)> =
+        sqlx::query_as("SELECT resource_id, version, incarnation FROM threads WHERE id = $1")
             .bind(id.as_str())
             .fetch_optional(pool)
             .await
             .map_err(db_err)?;
-    let (resource_id, version) = row.ok_or(StoreError::NotFound)?;
+    let (resource_id, version, incarnation) = row.ok_or(StoreError::NotFound)?;
     Ok(crate::store::Owner {
         resource_id: dec_opt(resource_id)?,
         version: u(version),
+        incarnation: inc(incarnation),
     })
 }
 
