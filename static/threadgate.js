@@ -1357,9 +1357,19 @@ export function follow(threadId, opts = {}) {
   };
 
   /** Loads the live snapshot and the runs; `null` when following must end. */
+  /**
+   * A copy of `thread` at `version` that remembers which life of the thread it is (the
+   * `incarnation` the gateway gave the snapshot; see `stream`). A `snapshot` event keeps it.
+   */
+  function mirrorOf(thread, version) {
+    const m = new ThreadMirror(thread, version);
+    m.incarnation = typeof thread.incarnation === 'string' ? thread.incarnation : undefined;
+    return m;
+  }
+
   async function load() {
     const thread = await client.getThread(threadId, { view: 'live', signal: stop.signal });
-    const m = new ThreadMirror(thread, Number(thread.version));
+    const m = mirrorOf(thread, Number(thread.version));
     try {
       m.setRuns(await client.runs(threadId, { view: 'live', signal: stop.signal }));
     } catch (e) {
@@ -1376,6 +1386,9 @@ export function follow(threadId, opts = {}) {
   /** Opens the stream after the copy's version and reads it until it ends. */
   async function stream(resuming) {
     const params = { after: mirror.version };
+    // The copy's life: if the thread is deleted and created again while this stream is away,
+    // the gateway answers `reset` instead of continuing into the new thread's versions.
+    if (mirror.incarnation) params.incarnation = mirror.incarnation;
     const headers = { accept: 'text/event-stream' };
     const token = await client.currentToken();
     if (token && opts.tokenTransport === 'header') headers.authorization = `Bearer ${token}`;
@@ -1489,7 +1502,7 @@ export function follow(threadId, opts = {}) {
     let needLoad = !opts.initial;
     if (opts.initial) {
       try {
-        mirror = new ThreadMirror(opts.initial.thread, Number(opts.initial.version));
+        mirror = mirrorOf(opts.initial.thread, Number(opts.initial.version));
         emit('load', mirror.version, opts.initial.thread);
       } catch {
         needLoad = true;

@@ -8,7 +8,7 @@
 //!   Preflights are answered for every path, `/static/threadgate.js` included (a module
 //!   import is a CORS fetch); the headers a client reads (`ETag`, `Location`,
 //!   `Last-Event-ID`, `Idempotent-Replayed`, `threadgate-mode`, `threadgate-stored-version`,
-//!   `Retry-After`, `WWW-Authenticate`) are exposed.
+//!   `threadgate-incarnation`, `Retry-After`, `WWW-Authenticate`) are exposed.
 //! - **Compression** ([`compression`], tower-http's `CompressionLayer`): gzip, brotli or zstd,
 //!   as the client's `Accept-Encoding` prefers, for answers above [`COMPRESS_ABOVE`] bytes.
 //!   Never for `text/event-stream`: an encoder holds small writes back until its buffer
@@ -65,7 +65,7 @@ const ALLOWED_HEADERS: [HeaderName; 6] = [
 ];
 
 /// The response headers a cross-origin page may read.
-const EXPOSED_HEADERS: [HeaderName; 8] = [
+const EXPOSED_HEADERS: [HeaderName; 9] = [
     header::ETAG,
     header::LOCATION,
     header::RETRY_AFTER,
@@ -74,6 +74,7 @@ const EXPOSED_HEADERS: [HeaderName; 8] = [
     HeaderName::from_static("idempotent-replayed"),
     HeaderName::from_static(super::events::MODE_HEADER),
     HeaderName::from_static(super::events::STORED_VERSION_HEADER),
+    HeaderName::from_static(super::events::INCARNATION_HEADER),
 ];
 
 /// The CORS layer for `--cors-origin`, or `None` when no origin is allowed. Refuses values

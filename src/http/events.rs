@@ -50,6 +50,10 @@ pub const MODE_HEADER: &str = "threadgate-mode";
 /// attached; later folds arrive as `flushed` events.
 pub const STORED_VERSION_HEADER: &str = "threadgate-stored-version";
 
+/// Response header: the `incarnation` of the thread the stream was attached to, for a
+/// client that resumes with `Last-Event-ID` only to send back as `?incarnation=`.
+pub const INCARNATION_HEADER: &str = "threadgate-incarnation";
+
 /// The `Last-Event-ID` header a browser's `EventSource` sends when it reconnects.
 pub struct LastEventId(pub Option<u64>);
 
@@ -118,7 +122,8 @@ deleted, the client leaves, or the server shuts down.";
     responses(
         (status = 200, description = STREAM_DOC, content_type = "text/event-stream", body = String,
             headers(("threadgate-mode" = String, description = "`direct` or `buffered`"),
-                ("threadgate-stored-version" = Option<u64>, description = "Buffered mode: the version the snapshot store held when the stream was attached (later folds arrive as `flushed` events)"))),
+                ("threadgate-stored-version" = Option<u64>, description = "Buffered mode: the version the snapshot store held when the stream was attached (later folds arrive as `flushed` events)"),
+                ("threadgate-incarnation" = Option<String>, description = "The thread's incarnation when the stream was attached (16 hex digits): send it back as `?incarnation=` when resuming, so a thread deleted and created again meanwhile answers `reset`"))),
         (status = 400, description = "Malformed `after` (invalid_query) or `Last-Event-ID` (invalid_header)", body = Problem, content_type = "application/problem+json"),
         (status = 404, body = Problem, content_type = "application/problem+json"),
         (status = 503, body = Problem, content_type = "application/problem+json")))]
@@ -132,7 +137,7 @@ pub async fn events(
     let cursor = position(p.after, last)?;
     // Admission first: a refused stream costs no backend work.
     let permit = app.hub.admit(caller.key.clone())?;
-    app.threads.guard(&caller.scope, &id).await?;
+    let incarnation = app.threads.guard_incarnation(&caller.scope, &id).await?;
     let position = Position {
         cursor,
         snapshot: p.snapshot.unwrap_or(false),
@@ -167,6 +172,11 @@ pub async fn events(
     headers.insert(MODE_HEADER, HeaderValue::from_static(mode));
     if let Some(v) = stored {
         headers.insert(STORED_VERSION_HEADER, HeaderValue::from(v));
+    }
+    if let Some(i) = incarnation
+        && let Ok(v) = HeaderValue::from_str(&i.to_string())
+    {
+        headers.insert(INCARNATION_HEADER, v);
     }
     Ok(res)
 }

@@ -231,6 +231,20 @@ impl Threads {
         guard(&*self.store, scope, id).await.map(|_| ())
     }
 
+    /// [`Threads::guard`], also naming the thread's current incarnation: the owner lookup a
+    /// scoped caller's guard makes anyway, and one more for an admin (best effort: `None`
+    /// when the store cannot say, e.g. a buffered thread whose store is away).
+    pub async fn guard_incarnation(
+        &self,
+        scope: &Scope,
+        id: &ThreadId,
+    ) -> Result<Option<crate::store::Incarnation>> {
+        Ok(match guard(&*self.store, scope, id).await? {
+            Some(owner) => Some(owner.incarnation),
+            None => self.store.owner(id).await.ok().map(|o| o.incarnation),
+        })
+    }
+
     /// The write path (for shutdown).
     pub fn writes(&self) -> &Arc<dyn WritePath> {
         &self.writes

@@ -192,7 +192,8 @@ async function http(method, path, body) {
     method, body, headers: body === undefined ? {} : { 'content-type': 'application/json' },
     signal: AbortSignal.timeout(30_000),
   });
-  return { status: res.status, body: parse(await res.text()) };
+  const text = await res.text();
+  return { status: res.status, body: text ? parse(text) : null };
 }
 
 function runsOf(list) {
@@ -273,6 +274,35 @@ for (const seed of SEEDS) {
   }
   const d = firstDiff(runsOf(mv.runs), runsOf(fv.runs));
   if (d) throw new Error(`seed ${seed}: follow() runs differ: ${d}`);
+  follower.close();
+}
+
+// A copy of an earlier life of the thread id: resuming it after the thread was deleted and
+// created again (and written up to the same version) must go through `reset` to the new
+// thread, never continue silently with the old copy. follow() sends the copy's incarnation.
+{
+  const id = `xcheck-life-${Date.now()}`;
+  const write = async (text) => {
+    const res = await http('POST', `/v1/threads/${id}/deltas`, stringify({
+      run_id: 'r', reason: 'UserMessage', patches: [],
+      messages: [{ id: `m-${text}`, role: 'user', content: text }],
+    }));
+    assert(res.status === 200, `append: ${stringify(res.body)}`);
+  };
+  assert((await http('POST', '/v1/threads', stringify({ id }))).status === 201, 'create');
+  await write('first life');
+  const old = (await http('GET', `/v1/threads/${id}?view=live`)).body;
+  assert(typeof old.incarnation === 'string', 'a thread answer names its incarnation');
+  assert((await http('DELETE', `/v1/threads/${id}`)).status === 204, 'delete');
+  assert((await http('POST', '/v1/threads', stringify({ id }))).status === 201, 're-create');
+  await write('second life');
+  const events = [];
+  const follower = follow(id, {
+    baseUrl: BASE, initial: { thread: old, version: old.version },
+    onEvent: (e) => events.push(e.type),
+  });
+  await until('follow() to show the second life', () => follower.thread?.messages?.[0]?.content === 'second life');
+  assert(events.includes('reset'), `the old copy went through reset (events: ${events})`);
   follower.close();
 }
 

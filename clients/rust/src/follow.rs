@@ -49,8 +49,9 @@ pub enum LiveEvent {
     },
     /// Buffered mode: the gateway's store now holds every write up to `version`.
     Flushed { version: Version },
-    /// The position is older than what the gateway can replay: reload the thread and follow
-    /// again from its version. The stream ends after this event.
+    /// The position is older than what the gateway can replay, or belongs to an earlier life
+    /// of the thread (deleted and created again while the stream was away): reload the
+    /// thread and follow again from its version. The stream ends after this event.
     Reset {
         /// The thread's current version.
         version: Version,
@@ -87,6 +88,7 @@ impl ThreadgateStore {
             inner: self.inner.clone(),
             thread_id: thread_id.to_owned(),
             last: after,
+            incarnation: None,
             events: None,
             failures: 0,
             drops: 0,
@@ -137,7 +139,8 @@ fn with_idle_timeout(
 
 /// The outcome of opening the stream.
 enum Open {
-    Stream(Events),
+    /// The stream, and the thread's incarnation the gateway named.
+    Stream(Events, Option<String>),
     /// Worth another attempt (after the server's `Retry-After`, if any).
     Retry(String, Option<Duration>),
     Fatal(ThreadStoreError),
@@ -175,6 +178,10 @@ struct Follow {
     thread_id: String,
     /// The last write version delivered: the position to resume after.
     last: Version,
+    /// The thread's life the stream follows (the gateway's `threadgate-incarnation` from the
+    /// first connection), sent back on every reconnect: a thread deleted and created again
+    /// while the stream was away then answers `reset`, not the new thread's versions.
+    incarnation: Option<String>,
     events: Option<Events>,
     /// Consecutive failed attempts to open the stream.
     failures: u32,
@@ -191,9 +198,19 @@ impl Follow {
                 return None;
             }
             let Some(events) = self.events.as_mut() else {
-                match open(&self.inner, &self.thread_id, self.last).await {
-                    Open::Stream(s) => {
+                match open(
+                    &self.inner,
+                    &self.thread_id,
+                    self.last,
+                    self.incarnation.as_deref(),
+                )
+                .await
+                {
+                    Open::Stream(s, incarnation) => {
                         self.events = Some(s);
+                        if self.incarnation.is_none() {
+                            self.incarnation = incarnation;
+                        }
                         self.failures = 0;
                     }
                     Open::Fatal(e) => {
@@ -299,7 +316,7 @@ impl Follow {
 }
 
 /// Opens the stream after `last` (no `&Follow` held across an await: it is not `Sync`).
-async fn open(inner: &Inner, thread_id: &str, last: Version) -> Open {
+async fn open(inner: &Inner, thread_id: &str, last: Version, incarnation: Option<&str>) -> Open {
     let ctx = Ctx {
         thread_id,
         expected: None,
@@ -307,10 +324,11 @@ async fn open(inner: &Inner, thread_id: &str, last: Version) -> Open {
     if let Err(e) = crate::store::path_id(thread_id) {
         return Open::Fatal(e);
     }
-    let url = inner.url(
-        &["v1", "threads", thread_id, "events"],
-        &[("after", last.to_string())],
-    );
+    let mut query = vec![("after", last.to_string())];
+    if let Some(i) = incarnation {
+        query.push(("incarnation", i.to_owned()));
+    }
+    let url = inner.url(&["v1", "threads", thread_id, "events"], &query);
     let mut req = inner
         .http
         .get(url)
@@ -329,8 +347,14 @@ async fn open(inner: &Inner, thread_id: &str, last: Version) -> Open {
     };
     let status = res.status();
     if status == StatusCode::OK {
+        let incarnation = res
+            .headers()
+            .get("threadgate-incarnation")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| v.len() == 16 && v.bytes().all(|b| b.is_ascii_hexdigit()))
+            .map(str::to_owned);
         let bytes = with_idle_timeout(res.bytes_stream(), inner.follow_idle_timeout);
-        return Open::Stream(Box::pin(bytes.eventsource()));
+        return Open::Stream(Box::pin(bytes.eventsource()), incarnation);
     }
     let server_delay = res
         .headers()

@@ -150,6 +150,49 @@ async fn a_silent_connection_is_replaced() {
     gw.stop().await;
 }
 
+/// A thread deleted and created again while the stream was away is not continued into: the
+/// reconnect names the life it followed, and the gateway answers `reset`.
+#[tokio::test]
+async fn a_thread_created_again_while_away_is_a_reset() {
+    let gw = Gateway::start(Mode::Memory).await;
+    let proxy = LossyProxy::start(gw.addr).await;
+    let store = client_for(&gw.base());
+    store.create(&Thread::new("s")).await.unwrap();
+    let follower = ThreadgateStore::builder(proxy.base())
+        .follow_idle_timeout(Duration::from_millis(300))
+        .timeout(Duration::from_millis(500))
+        .backoff(Duration::from_millis(20), Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let mut rx = collect(follower.follow("s", 0));
+    store
+        .append("s", &said("one"), VersionPrecondition::Any)
+        .await
+        .unwrap();
+    assert_eq!(text(&next_write(&mut rx).await), (1, "one".into()));
+
+    proxy.stall(true);
+    store.delete("s").await.unwrap();
+    store.create(&Thread::new("s")).await.unwrap();
+    for t in ["new one", "new two"] {
+        store
+            .append("s", &said(t), VersionPrecondition::Any)
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    proxy.stall(false);
+    let next = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("an event within 10 s")
+        .expect("the stream has an item");
+    assert!(
+        matches!(next, Ok(LiveEvent::Reset { version: 2 })),
+        "a reset to the new life's version, not its writes: {next:?}"
+    );
+    gw.stop().await;
+}
+
 /// How a stream ends: `reset` for a position the gateway cannot continue, `deleted`, and an
 /// error for a missing thread or a bad id; a full save arrives as a snapshot.
 #[tokio::test]
