@@ -876,6 +876,96 @@ fn mixed_log() -> Vec<Change> {
     ]
 }
 
+/// One batch that updates the same run several times (with and without a parent) and
+/// replaces the state between patches: folded at once it must equal the writes one by one
+/// (a set-based store writes each run once and drops patches a later snapshot replaced).
+async fn apply_batch_runs_and_resets(s: &DynStore) {
+    let run = |status: &str,
+               parent: Option<&str>,
+               msg: &str,
+               patch: Option<Value>,
+               snap: Option<Value>| {
+        let mut v = json!({
+            "run_id": "r1", "reason": "AssistantTurnCommitted",
+            "run_meta": {"agent_id": "a", "origin": "user", "status": status},
+            "messages": [{"id": msg, "role": "assistant", "content": msg}],
+            "patches": patch.into_iter().collect::<Vec<_>>()
+        });
+        if let Some(p) = parent {
+            v["parent_run_id"] = json!(p);
+        }
+        if let Some(snap) = snap {
+            v["snapshot"] = snap;
+        }
+        Change::Delta(from(v))
+    };
+    let log = vec![
+        run(
+            "running",
+            Some("p0"),
+            "a",
+            Some(set(json!(["x"]), json!(1))),
+            None,
+        ),
+        run(
+            "waiting",
+            None,
+            "b",
+            Some(set(json!(["y"]), json!(2))),
+            None,
+        ),
+        Change::Delta(delta("r2", vec![user("c", "c"), user("a", "dup")])),
+        run(
+            "running",
+            None,
+            "d",
+            Some(set(json!(["z"]), json!(3))),
+            Some(json!({"s": 0})),
+        ),
+        run(
+            "done",
+            Some("p1"),
+            "e",
+            Some(set(json!(["w"]), json!(4))),
+            None,
+        ),
+        run("done", None, "f", None, None),
+    ];
+    for id in ["direct", "folded"] {
+        create_empty(s, id).await;
+    }
+    for (n, change) in log.iter().enumerate() {
+        write_directly(s, &tid("direct"), change, n as u64 + 1).await;
+    }
+    let batch: Vec<Write> = log
+        .iter()
+        .enumerate()
+        .map(|(n, c)| fold(n as u64 + 1, c.clone()))
+        .collect();
+    assert_eq!(s.apply_batch(&tid("folded"), &batch).await.unwrap(), 6);
+    assert_eq!(comparable(s, "folded").await, comparable(s, "direct").await);
+    // Spot checks, so the comparison is not of two equally wrong things.
+    let r1 = s.run(&tid("folded"), "r1").await.unwrap();
+    assert_eq!(r1.parent_run_id.as_deref(), Some("p1"));
+    assert_eq!(r1.version, 6);
+    assert_eq!(text(&r1.meta.status), "\"done\"");
+    let got = s.get(&tid("folded")).await.unwrap();
+    assert_eq!(
+        contents(&got.thread.messages),
+        ["a", "b", "c", "d", "e", "f"]
+    );
+    assert_eq!(got.thread.state, json!({"s": 0}));
+    assert_eq!(
+        got.thread.patches.len(),
+        2,
+        "the patches before the snapshot are gone"
+    );
+    assert_eq!(
+        state_of(s, &tid("folded")).await,
+        (json!({"s": 0, "z": 3, "w": 4}), 6)
+    );
+}
+
 /// Applies a change the direct way, expecting it to become `version`.
 async fn write_directly(s: &DynStore, id: &ThreadId, change: &Change, version: u64) {
     let expect = Expect::Exact(version - 1);
@@ -2212,6 +2302,7 @@ suite!(
     history_bounded,
     apply_batch,
     apply_batch_mixed,
+    apply_batch_runs_and_resets,
     apply_batch_idempotency,
     apply_batch_invalid,
     apply_batch_twice,

@@ -1,6 +1,13 @@
 //! The row-level steps every write is made of (lock the thread row, insert messages and
 //! patches, record history, remember keys, write the thread row back), each run inside the
 //! caller's transaction.
+//!
+//! Deltas are set-based: [`apply_delta_rows`] only plans a delta against the locked head and
+//! collects the rows it adds in [`Rows`]; [`Rows::write`] then inserts every collected
+//! message, patch, run record and history entry of any number of deltas with one statement
+//! (data-modifying CTEs over `UNNEST` arrays). A fold chunk of a thousand deltas therefore
+//! costs a handful of round trips instead of four per delta, and a direct append one fewer
+//! per kind of row it adds.
 
 use super::codec::{KeyRow, db_err, enc, enc_opt, from_json, i, to_json, u};
 use crate::model::{ChangeSet, Extra, Message, RunMeta, Thread, TrackedPatch, Visibility};
@@ -69,34 +76,13 @@ pub(super) async fn insert_messages(
     first_cursor: i64,
     messages: &[&Message],
 ) -> Result<i64> {
-    let (mut cursors, mut ids, mut runs, mut internal, mut bodies) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut rows = Rows::default();
     for (n, m) in messages.iter().enumerate() {
-        cursors.push(first_cursor + n as i64);
-        ids.push(enc_opt(m.id.as_deref()));
-        runs.push(enc_opt(m.run_id()));
-        internal.push(m.visibility == Visibility::Internal);
-        bodies.push(to_json(m)?);
+        rows.message(first_cursor + n as i64, m)?;
     }
-    if cursors.is_empty() {
-        return Ok(0);
-    }
-    sqlx::query(
-        "INSERT INTO messages (thread_id, cursor, msg_id, run_id, internal, body) \
-         SELECT $1, c, m, r, i, b \
-         FROM UNNEST($2::bigint[], $3::text[], $4::text[], $5::bool[], $6::text[]) \
-              AS u(c, m, r, i, b)",
-    )
-    .bind(id)
-    .bind(&cursors)
-    .bind(&ids)
-    .bind(&runs)
-    .bind(&internal)
-    .bind(&bodies)
-    .execute(&mut *conn)
-    .await
-    .map_err(db_err)?;
-    Ok(cursors.len() as i64)
+    let added = rows.msg_cursor.len() as i64;
+    rows.write(conn, id).await?;
+    Ok(added)
 }
 
 /// Inserts patches at consecutive sequence numbers from `first_seq`, in one statement.
@@ -106,22 +92,183 @@ pub(super) async fn insert_patches(
     first_seq: i64,
     patches: &[TrackedPatch],
 ) -> Result<i64> {
-    if patches.is_empty() {
-        return Ok(0);
+    let mut rows = Rows::default();
+    for (n, p) in patches.iter().enumerate() {
+        rows.patch(first_seq + n as i64, p)?;
     }
-    let seqs: Vec<i64> = (0..patches.len() as i64).map(|n| first_seq + n).collect();
-    let bodies = patches.iter().map(to_json).collect::<Result<Vec<_>>>()?;
-    sqlx::query(
-        "INSERT INTO patches (thread_id, seq, body) \
-         SELECT $1, s, b FROM UNNEST($2::bigint[], $3::text[]) AS u(s, b)",
-    )
-    .bind(id)
-    .bind(&seqs)
-    .bind(&bodies)
-    .execute(&mut *conn)
-    .await
-    .map_err(db_err)?;
-    Ok(seqs.len() as i64)
+    let added = rows.patch_seq.len() as i64;
+    rows.write(conn, id).await?;
+    Ok(added)
+}
+
+/// The rows that one or more writes add to a thread's child tables, collected so that
+/// [`Rows::write`] inserts them all with one statement. History versions must be collected
+/// in ascending, contiguous order (every write records exactly one entry).
+#[derive(Default)]
+pub(super) struct Rows {
+    msg_cursor: Vec<i64>,
+    msg_id: Vec<Option<String>>,
+    msg_run: Vec<Option<String>>,
+    msg_internal: Vec<bool>,
+    msg_body: Vec<String>,
+    patch_seq: Vec<i64>,
+    patch_body: Vec<String>,
+    /// One row per run (a single upsert cannot touch a row twice): the last delta's record,
+    /// with the last `parent_run_id` any of them named.
+    runs: Vec<RunUpsert>,
+    run_index: HashMap<String, usize>,
+    hist_version: Vec<i64>,
+    hist_change: Vec<String>,
+    /// When the rows were made (unix ms): history `at`, run `created_at`/`updated_at`.
+    now: i64,
+}
+
+struct RunUpsert {
+    run_id: String,
+    parent: Option<String>,
+    meta: String,
+    version: i64,
+}
+
+impl Rows {
+    /// Rows made at `now` (unix ms).
+    pub(super) fn at(now: i64) -> Self {
+        Rows {
+            now,
+            ..Rows::default()
+        }
+    }
+
+    fn message(&mut self, cursor: i64, m: &Message) -> Result<()> {
+        self.msg_cursor.push(cursor);
+        self.msg_id.push(enc_opt(m.id.as_deref()));
+        self.msg_run.push(enc_opt(m.run_id()));
+        self.msg_internal.push(m.visibility == Visibility::Internal);
+        self.msg_body.push(to_json(m)?);
+        Ok(())
+    }
+
+    fn patch(&mut self, seq: i64, p: &TrackedPatch) -> Result<()> {
+        self.patch_seq.push(seq);
+        self.patch_body.push(to_json(p)?);
+        Ok(())
+    }
+
+    /// Forgets the patches collected so far: a delta replaced the state, and its own
+    /// `DELETE` removes those already stored.
+    fn drop_patches(&mut self) {
+        self.patch_seq.clear();
+        self.patch_body.clear();
+    }
+
+    fn run(&mut self, delta: &ChangeSet, meta: &RunMeta, version: u64) -> Result<()> {
+        let row = RunUpsert {
+            run_id: enc(&delta.run_id),
+            parent: enc_opt(delta.parent_run_id.as_deref()),
+            meta: to_json(meta)?,
+            version: i(version)?,
+        };
+        match self.run_index.get(&row.run_id) {
+            Some(&n) => {
+                let earlier = &mut self.runs[n];
+                earlier.parent = row.parent.or(earlier.parent.take());
+                earlier.meta = row.meta;
+                earlier.version = row.version;
+            }
+            None => {
+                self.run_index.insert(row.run_id.clone(), self.runs.len());
+                self.runs.push(row);
+            }
+        }
+        Ok(())
+    }
+
+    /// Collects the history entry of the write that made `version`.
+    pub(super) fn history(&mut self, version: u64, change: &Change) -> Result<()> {
+        self.hist_version.push(i(version)?);
+        self.hist_change.push(to_json(change)?);
+        Ok(())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.msg_cursor.is_empty()
+            && self.patch_seq.is_empty()
+            && self.runs.is_empty()
+            && self.hist_version.is_empty()
+    }
+
+    /// Inserts everything collected with one statement and empties the collection. History
+    /// keeps the last [`HISTORY_LIMIT`] versions: versions are contiguous and every write
+    /// records one entry, so the entries that fall out are exactly the range just below the
+    /// new ones (a bounded range, never `version <= x`, which would walk every dead index
+    /// entry below it on each write), and a batch longer than the window inserts only its
+    /// last [`HISTORY_LIMIT`] entries.
+    pub(super) async fn write(&mut self, conn: &mut PgConnection, id: &str) -> Result<()> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        let keep = HISTORY_LIMIT as i64;
+        let (drop_above, drop_upto, hist_from) =
+            match (self.hist_version.first(), self.hist_version.last()) {
+                (Some(&first), Some(&last)) => (
+                    first - 1 - keep,
+                    last - keep,
+                    (self.hist_version.len() as i64 - keep).max(0) as usize,
+                ),
+                _ => (0, 0, 0),
+            };
+        let rows = std::mem::take(self);
+        let mut runs = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for r in rows.runs {
+            runs.0.push(r.run_id);
+            runs.1.push(r.parent);
+            runs.2.push(r.meta);
+            runs.3.push(r.version);
+        }
+        self.now = rows.now;
+        sqlx::query(
+            "WITH m AS (INSERT INTO messages (thread_id, cursor, msg_id, run_id, internal, body) \
+               SELECT $1, c, m, r, i, b \
+               FROM UNNEST($2::bigint[], $3::text[], $4::text[], $5::bool[], $6::text[]) \
+                    AS u(c, m, r, i, b)), \
+             p AS (INSERT INTO patches (thread_id, seq, body) \
+               SELECT $1, s, b FROM UNNEST($7::bigint[], $8::text[]) AS u(s, b)), \
+             r AS (INSERT INTO runs \
+                 (thread_id, run_id, parent_run_id, meta, version, created_at, updated_at) \
+               SELECT $1, ri, rp, rm, rv, $9, $9 \
+               FROM UNNEST($10::text[], $11::text[], $12::text[], $13::bigint[]) \
+                    AS u(ri, rp, rm, rv) \
+               ON CONFLICT (thread_id, run_id) DO UPDATE SET \
+                 parent_run_id = COALESCE(EXCLUDED.parent_run_id, runs.parent_run_id), \
+                 meta = EXCLUDED.meta, version = EXCLUDED.version, \
+                 updated_at = EXCLUDED.updated_at), \
+             h AS (INSERT INTO history (thread_id, version, at, change) \
+               SELECT $1, v, $9, c FROM UNNEST($14::bigint[], $15::text[]) AS u(v, c)) \
+             DELETE FROM history \
+             WHERE thread_id = $1 AND version > $16 AND version <= $17",
+        )
+        .bind(id)
+        .bind(&rows.msg_cursor)
+        .bind(&rows.msg_id)
+        .bind(&rows.msg_run)
+        .bind(&rows.msg_internal)
+        .bind(&rows.msg_body)
+        .bind(&rows.patch_seq)
+        .bind(&rows.patch_body)
+        .bind(rows.now)
+        .bind(&runs.0)
+        .bind(&runs.1)
+        .bind(&runs.2)
+        .bind(&runs.3)
+        .bind(&rows.hist_version[hist_from..])
+        .bind(&rows.hist_change[hist_from..])
+        .bind(drop_above)
+        .bind(drop_upto)
+        .execute(&mut *conn)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
 }
 
 /// Records a write in the history and drops what falls out of the kept window.
@@ -132,27 +279,9 @@ pub(super) async fn record_history(
     at: i64,
     change: &Change,
 ) -> Result<()> {
-    sqlx::query("INSERT INTO history (thread_id, version, at, change) VALUES ($1, $2, $3, $4)")
-        .bind(id)
-        .bind(i(version)?)
-        .bind(at)
-        .bind(to_json(change)?)
-        .execute(&mut *conn)
-        .await
-        .map_err(db_err)?;
-    // Versions are contiguous and every write records one entry, so dropping exactly the
-    // version that falls out keeps exactly HISTORY_LIMIT entries. (`version <= $2` would
-    // walk every dead index entry below it on each write: quadratic in a long fold.)
-    let oldest_dropped = i(version)? - HISTORY_LIMIT as i64;
-    if oldest_dropped > 0 {
-        sqlx::query("DELETE FROM history WHERE thread_id = $1 AND version = $2")
-            .bind(id)
-            .bind(oldest_dropped)
-            .execute(&mut *conn)
-            .await
-            .map_err(db_err)?;
-    }
-    Ok(())
+    let mut rows = Rows::at(at);
+    rows.history(version, change)?;
+    rows.write(conn, id).await
 }
 
 /// The write remembered for an idempotency key on this thread, if any.
@@ -200,16 +329,18 @@ pub(super) async fn existing_ids<'a>(
     found.iter().map(|s| super::codec::dec(s)).collect()
 }
 
-/// Applies one delta as `version` (rows only; the caller writes the thread row). Validates
-/// before writing anything, so an `InvalidDelta` leaves the transaction untouched.
+/// Applies one delta as `version` to `head`, collecting the rows it adds in `rows` (the
+/// caller writes them, and then the thread row). Validates before changing anything, so an
+/// `InvalidDelta` leaves the transaction and `rows` untouched. The only statement it may run
+/// itself is the `DELETE` of the stored patches when the delta replaces the state.
 pub(super) async fn apply_delta_rows(
     conn: &mut PgConnection,
     id: &str,
     head: &mut Head,
     existing: &mut HashSet<String>,
+    rows: &mut Rows,
     mut delta: ChangeSet,
     version: u64,
-    now: i64,
 ) -> Result<()> {
     delta.normalize();
     let plan = crate::model::plan_delta(&head.current_state, &delta, |mid| existing.contains(mid))?;
@@ -219,57 +350,29 @@ pub(super) async fn apply_delta_rows(
             .execute(&mut *conn)
             .await
             .map_err(db_err)?;
+        rows.drop_patches();
         head.patch_count = 0;
         if let Some(snapshot) = &delta.snapshot {
             head.new_base_state = Some(snapshot.clone());
         }
     }
-    let new: Vec<&Message> = plan
-        .new_messages
-        .iter()
-        .map(|&n| &delta.messages[n])
-        .collect();
-    for m in &new {
+    for &n in &plan.new_messages {
+        let m = &delta.messages[n];
         if let Some(mid) = &m.id {
             existing.insert(mid.clone());
         }
+        rows.message(head.message_count, m)?;
+        head.message_count += 1;
     }
-    head.message_count += insert_messages(conn, id, head.message_count, &new).await?;
-    head.patch_count += insert_patches(conn, id, head.patch_count, &delta.patches).await?;
+    for p in &delta.patches {
+        rows.patch(head.patch_count, p)?;
+        head.patch_count += 1;
+    }
     head.current_state = plan.new_current_state;
     if let Some(meta) = &delta.run_meta {
-        upsert_run(conn, id, &delta, meta, version, now).await?;
+        rows.run(&delta, meta, version)?;
     }
-    record_history(conn, id, version, now, &Change::Delta(delta)).await
-}
-
-/// Creates or updates the run's record: `created_at` is kept, the rest follows the delta
-/// (a delta without `parent_run_id` keeps the recorded one).
-pub(super) async fn upsert_run(
-    conn: &mut PgConnection,
-    id: &str,
-    delta: &ChangeSet,
-    meta: &RunMeta,
-    version: u64,
-    now: i64,
-) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO runs (thread_id, run_id, parent_run_id, meta, version, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $6) \
-         ON CONFLICT (thread_id, run_id) DO UPDATE SET \
-           parent_run_id = COALESCE(EXCLUDED.parent_run_id, runs.parent_run_id), \
-           meta = EXCLUDED.meta, version = EXCLUDED.version, updated_at = EXCLUDED.updated_at",
-    )
-    .bind(id)
-    .bind(enc(&delta.run_id))
-    .bind(enc_opt(delta.parent_run_id.as_deref()))
-    .bind(to_json(meta)?)
-    .bind(i(version)?)
-    .bind(now)
-    .execute(&mut *conn)
-    .await
-    .map_err(db_err)?;
-    Ok(())
+    rows.history(version, &Change::Delta(delta))
 }
 
 /// Writes the thread row after one or more deltas: version and watermark become `version`.

@@ -4,8 +4,9 @@
 
 use super::codec::{db_err, enc, enc_opt, from_json, i, inc_col, to_json, u};
 use super::rows::{
-    apply_delta_rows, existing_ids, insert_thread_rows, load_metadata, lock_head, lock_version,
-    record_history, remember_keys, remembered, replace_thread_rows, trim_keys, write_head,
+    Rows, apply_delta_rows, existing_ids, insert_thread_rows, load_metadata, lock_head,
+    lock_version, record_history, remember_keys, remembered, replace_thread_rows, trim_keys,
+    write_head,
 };
 use crate::id::ThreadId;
 use crate::model::{ChangeSet, Extra, Thread};
@@ -163,7 +164,18 @@ pub async fn append(
     expect.check(head.version)?;
     let version = head.version + 1;
     let mut existing = existing_ids(conn, tid, [&delta]).await?;
-    apply_delta_rows(conn, tid, &mut head, &mut existing, delta, version, now).await?;
+    let mut rows = Rows::at(now);
+    apply_delta_rows(
+        conn,
+        tid,
+        &mut head,
+        &mut existing,
+        &mut rows,
+        delta,
+        version,
+    )
+    .await?;
+    rows.write(conn, tid).await?;
     if let Some(key) = &idempotency {
         sqlx::query(
             "INSERT INTO idempotency (thread_id, key, fingerprint, version) VALUES ($1, $2, $3, $4)",
@@ -212,6 +224,8 @@ pub async fn apply_batch(
     let mut metadata: Option<Extra> = None;
     let mut keys = Vec::new();
     let mut version = head.watermark;
+    // The rows of the deltas since the last full save, written by one statement.
+    let mut rows = Rows::at(now);
     for (entry, change) in prepared {
         version = entry.version;
         match change {
@@ -221,13 +235,15 @@ pub async fn apply_batch(
                     tid,
                     &mut head,
                     &mut existing,
+                    &mut rows,
                     delta.clone(),
                     version,
-                    now,
                 )
                 .await?;
             }
             Prepared::Replace(thread, state) => {
+                // Earlier rows first: the save replaces them.
+                rows.write(conn, tid).await?;
                 replace_thread_rows(conn, tid, &thread).await?;
                 head.message_count = thread.messages.len() as i64;
                 head.patch_count = thread.patches.len() as i64;
@@ -243,7 +259,7 @@ pub async fn apply_batch(
                     enc_opt(thread.parent_thread_id.as_deref()),
                 ));
                 metadata = Some(thread.metadata.clone());
-                record_history(conn, tid, version, now, &Change::Replace(thread)).await?;
+                rows.history(version, &Change::Replace(thread))?;
             }
             Prepared::Metadata(patch) => {
                 let current = match &mut metadata {
@@ -251,13 +267,14 @@ pub async fn apply_batch(
                     None => metadata.insert(load_metadata(conn, tid).await?),
                 };
                 crate::store::merge_metadata(current, &patch);
-                record_history(conn, tid, version, now, &Change::Metadata(patch)).await?;
+                rows.history(version, &Change::Metadata(patch))?;
             }
         }
         if let Some(key) = &entry.idempotency {
             keys.push((key, version));
         }
     }
+    rows.write(conn, tid).await?;
     remember_keys(conn, tid, &keys).await?;
     write_head(conn, tid, &head, version, now).await?;
     if identity.is_some() || metadata.is_some() {
