@@ -103,6 +103,15 @@ pub struct ThreadRow {
     pub updated_at: i64,
 }
 
+/// A whole snapshot in one row: the thread row with its message and patch bodies in order.
+#[derive(sqlx::FromRow)]
+pub struct SnapshotRow {
+    #[sqlx(flatten)]
+    pub thread: ThreadRow,
+    pub messages: Vec<String>,
+    pub patches: Vec<String>,
+}
+
 /// The columns of a thread listing.
 #[derive(sqlx::FromRow)]
 pub struct SummaryRow {

@@ -19,9 +19,9 @@
 //!   against the locked row, so concurrent writers to one thread are serialised by
 //!   PostgreSQL and each gets a distinct, real, committed version; writers to different
 //!   threads never wait for each other.
-//! * **Snapshot reads.** A read that spans several statements runs in one
-//!   `REPEATABLE READ READ ONLY` transaction (or is a single statement), so the version it
-//!   reports matches the data it returns. See [`read`].
+//! * **Snapshot reads.** Every read is one statement (a snapshot aggregates its messages
+//!   and patches beside the thread row), so the version it reports matches the data it
+//!   returns, in one round trip and with no transaction. See [`read`].
 //! * **Transactions nobody can cut in half.** Every transaction runs in a task of its own,
 //!   so a client that hangs up cannot cancel it midway, and on a connection guarded by
 //!   [`Tx`]: sqlx 0.8.4 to 0.9.0 hand a connection back to the pool inside an open
@@ -67,8 +67,6 @@ fn migrator() -> Migrator {
 
 /// `BEGIN` of a write transaction.
 const BEGIN_WRITE: &str = "BEGIN";
-/// `BEGIN` of a read that spans several statements: one snapshot for all of them.
-const BEGIN_READ: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY";
 /// `application_name` of the gateway's sessions (unless the URL names one), so an operator
 /// (and the tests) can find them in `pg_stat_activity`.
 pub const APPLICATION_NAME: &str = "threadgate";
@@ -305,8 +303,9 @@ impl Store for PostgresStore {
     }
 
     async fn get(&self, id: &ThreadId) -> Result<Snapshot> {
-        let id = id.clone();
-        in_task!(self, BEGIN_READ, |c| read::get(c, id))
+        // In a task of its own like a write, so a client that hangs up never cuts it off.
+        let (pool, id) = (self.pool.clone(), id.clone());
+        spawned(async move { read::get(&pool, &id).await }).await
     }
 
     async fn version(&self, id: &ThreadId) -> Result<u64> {

@@ -1,10 +1,10 @@
-//! Reads: one statement where one suffices (its result is one consistent snapshot), or a
-//! `REPEATABLE READ READ ONLY` transaction when a read spans several statements, so the version
-//! a read reports always matches the data it returns.
+//! Reads: each is one statement (its result is one consistent snapshot, so the version a
+//! read reports always matches the data it returns), with no transaction around it: a
+//! snapshot aggregates its messages and patches in the same statement as the thread row.
 
 use super::codec::{
-    JoinedHistoryRow, JoinedMessageRow, JoinedRunRow, SummaryRow, ThreadRow, db_err, dec_opt, enc,
-    from_json, inc, u,
+    JoinedHistoryRow, JoinedMessageRow, JoinedRunRow, SnapshotRow, SummaryRow, db_err, dec_opt,
+    enc, from_json, inc, u,
 };
 use crate::id::ThreadId;
 use crate::model::{Message, Thread};
@@ -12,31 +12,29 @@ use crate::store::{
     History, Incarnation, ListOrderBy, ListPage, ListQuery, MessagePage, MessageQuery, Order,
     Result, RunRecord, Snapshot, StateAt, StoreError, VisibilityFilter,
 };
-use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder};
+use sqlx::{PgPool, Postgres, QueryBuilder};
 
-/// [`crate::store::Store::get`], inside a repeatable-read transaction.
-pub async fn get(conn: &mut PgConnection, id: ThreadId) -> Result<Snapshot> {
-    let row: Option<ThreadRow> = sqlx::query_as(
-        "SELECT id, resource_id, parent_thread_id, version, watermark, incarnation, state, \
-         metadata, created_at, updated_at FROM threads WHERE id = $1",
+/// [`crate::store::Store::get`]: one statement (so one consistent snapshot, with no
+/// transaction around it): the thread row with its messages and patches aggregated in order.
+pub async fn get(pool: &PgPool, id: &ThreadId) -> Result<Snapshot> {
+    let row: Option<SnapshotRow> = sqlx::query_as(
+        "SELECT t.id, t.resource_id, t.parent_thread_id, t.version, t.watermark, \
+           t.incarnation, t.state, t.metadata, t.created_at, t.updated_at, \
+           ARRAY(SELECT m.body FROM messages m WHERE m.thread_id = t.id ORDER BY m.cursor) \
+             AS messages, \
+           ARRAY(SELECT p.body FROM patches p WHERE p.thread_id = t.id ORDER BY p.seq) \
+             AS patches \
+         FROM threads t WHERE t.id = $1",
     )
     .bind(id.as_str())
-    .fetch_optional(&mut *conn)
+    .fetch_optional(pool)
     .await
     .map_err(db_err)?;
-    let row = row.ok_or(StoreError::NotFound)?;
-    let messages: Vec<String> =
-        sqlx::query_scalar("SELECT body FROM messages WHERE thread_id = $1 ORDER BY cursor")
-            .bind(id.as_str())
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(db_err)?;
-    let patches: Vec<String> =
-        sqlx::query_scalar("SELECT body FROM patches WHERE thread_id = $1 ORDER BY seq")
-            .bind(id.as_str())
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(db_err)?;
+    let SnapshotRow {
+        thread: row,
+        messages,
+        patches,
+    } = row.ok_or(StoreError::NotFound)?;
     Ok(Snapshot {
         thread: Thread {
             id: row.id,

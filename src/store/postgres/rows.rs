@@ -207,6 +207,28 @@ impl Rows {
         if self.is_empty() {
             return Ok(());
         }
+        self.flush(conn, id, None).await
+    }
+
+    /// [`Rows::write`], and the thread row after them (version and watermark become
+    /// `version`) in the same
+    /// statement: a direct append or a fold chunk is one round trip besides its reads.
+    pub(super) async fn write_with_head(
+        &mut self,
+        conn: &mut PgConnection,
+        id: &str,
+        head: &Head,
+        version: u64,
+    ) -> Result<()> {
+        self.flush(conn, id, Some((head, version))).await
+    }
+
+    async fn flush(
+        &mut self,
+        conn: &mut PgConnection,
+        id: &str,
+        head: Option<(&Head, u64)>,
+    ) -> Result<()> {
         let keep = HISTORY_LIMIT as i64;
         let (drop_above, drop_upto, hist_from) =
             match (self.hist_version.first(), self.hist_version.last()) {
@@ -218,6 +240,7 @@ impl Rows {
                 _ => (0, 0, 0),
             };
         let rows = std::mem::take(self);
+        self.now = rows.now;
         let mut runs = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for r in rows.runs {
             runs.0.push(r.run_id);
@@ -225,51 +248,85 @@ impl Rows {
             runs.2.push(r.meta);
             runs.3.push(r.version);
         }
-        self.now = rows.now;
-        sqlx::query(
-            "WITH m AS (INSERT INTO messages (thread_id, cursor, msg_id, run_id, internal, body) \
-               SELECT $1, c, m, r, i, b \
-               FROM UNNEST($2::bigint[], $3::text[], $4::text[], $5::bool[], $6::text[]) \
-                    AS u(c, m, r, i, b)), \
-             p AS (INSERT INTO patches (thread_id, seq, body) \
-               SELECT $1, s, b FROM UNNEST($7::bigint[], $8::text[]) AS u(s, b)), \
-             r AS (INSERT INTO runs \
-                 (thread_id, run_id, parent_run_id, meta, version, created_at, updated_at) \
-               SELECT $1, ri, rp, rm, rv, $9, $9 \
-               FROM UNNEST($10::text[], $11::text[], $12::text[], $13::bigint[]) \
-                    AS u(ri, rp, rm, rv) \
-               ON CONFLICT (thread_id, run_id) DO UPDATE SET \
-                 parent_run_id = COALESCE(EXCLUDED.parent_run_id, runs.parent_run_id), \
-                 meta = EXCLUDED.meta, version = EXCLUDED.version, \
-                 updated_at = EXCLUDED.updated_at), \
-             h AS (INSERT INTO history (thread_id, version, at, change) \
-               SELECT $1, v, $9, c FROM UNNEST($14::bigint[], $15::text[]) AS u(v, c)) \
-             DELETE FROM history \
-             WHERE thread_id = $1 AND version > $16 AND version <= $17",
-        )
-        .bind(id)
-        .bind(&rows.msg_cursor)
-        .bind(&rows.msg_id)
-        .bind(&rows.msg_run)
-        .bind(&rows.msg_internal)
-        .bind(&rows.msg_body)
-        .bind(&rows.patch_seq)
-        .bind(&rows.patch_body)
-        .bind(rows.now)
-        .bind(&runs.0)
-        .bind(&runs.1)
-        .bind(&runs.2)
-        .bind(&runs.3)
-        .bind(&rows.hist_version[hist_from..])
-        .bind(&rows.hist_change[hist_from..])
-        .bind(drop_above)
-        .bind(drop_upto)
-        .execute(&mut *conn)
-        .await
-        .map_err(db_err)?;
+        let sql = if head.is_some() {
+            WRITE_ROWS_AND_HEAD
+        } else {
+            WRITE_ROWS
+        };
+        let mut q = sqlx::query(sql)
+            .bind(id)
+            .bind(&rows.msg_cursor)
+            .bind(&rows.msg_id)
+            .bind(&rows.msg_run)
+            .bind(&rows.msg_internal)
+            .bind(&rows.msg_body)
+            .bind(&rows.patch_seq)
+            .bind(&rows.patch_body)
+            .bind(rows.now)
+            .bind(&runs.0)
+            .bind(&runs.1)
+            .bind(&runs.2)
+            .bind(&runs.3)
+            .bind(&rows.hist_version[hist_from..])
+            .bind(&rows.hist_change[hist_from..])
+            .bind(drop_above)
+            .bind(drop_upto);
+        if let Some((head, version)) = head {
+            q = q
+                .bind(i(version)?)
+                .bind(head.new_base_state.as_ref().map(to_json).transpose()?)
+                .bind(to_json(&head.current_state)?)
+                .bind(head.message_count)
+                .bind(head.patch_count);
+        }
+        q.execute(&mut *conn).await.map_err(db_err)?;
         Ok(())
     }
 }
+
+/// The rows of [`Rows`] as data-modifying CTEs over `UNNEST` arrays ($1 thread, $2–$6
+/// messages, $7–$8 patches, $9 now, $10–$13 runs, $14–$15 history).
+macro_rules! rows_ctes {
+    () => {
+        "WITH m AS (INSERT INTO messages (thread_id, cursor, msg_id, run_id, internal, body) \
+           SELECT $1, c, m, r, i, b \
+           FROM UNNEST($2::bigint[], $3::text[], $4::text[], $5::bool[], $6::text[]) \
+                AS u(c, m, r, i, b)), \
+         p AS (INSERT INTO patches (thread_id, seq, body) \
+           SELECT $1, s, b FROM UNNEST($7::bigint[], $8::text[]) AS u(s, b)), \
+         r AS (INSERT INTO runs \
+             (thread_id, run_id, parent_run_id, meta, version, created_at, updated_at) \
+           SELECT $1, ri, rp, rm, rv, $9, $9 \
+           FROM UNNEST($10::text[], $11::text[], $12::text[], $13::bigint[]) \
+                AS u(ri, rp, rm, rv) \
+           ON CONFLICT (thread_id, run_id) DO UPDATE SET \
+             parent_run_id = COALESCE(EXCLUDED.parent_run_id, runs.parent_run_id), \
+             meta = EXCLUDED.meta, version = EXCLUDED.version, \
+             updated_at = EXCLUDED.updated_at), \
+         h AS (INSERT INTO history (thread_id, version, at, change) \
+           SELECT $1, v, $9, c FROM UNNEST($14::bigint[], $15::text[]) AS u(v, c))"
+    };
+}
+
+/// The history entries that fall out of the window ($16, $17]: the main statement.
+macro_rules! trim_history {
+    () => {
+        " DELETE FROM history WHERE thread_id = $1 AND version > $16 AND version <= $17"
+    };
+}
+
+/// [`Rows::write`]'s statement.
+const WRITE_ROWS: &str = concat!(rows_ctes!(), trim_history!());
+
+/// [`Rows::write_with_head`]'s statement: also the thread row ($18 version, $19 new base
+/// state or NULL, $20 current state, $21 message count, $22 patch count).
+const WRITE_ROWS_AND_HEAD: &str = concat!(
+    rows_ctes!(),
+    ", t AS (UPDATE threads SET version = $18, watermark = $18, state = COALESCE($19, state), \
+       current_state = $20, message_count = $21, patch_count = $22, updated_at = $9 \
+       WHERE id = $1)",
+    trim_history!()
+);
 
 /// Records a write in the history and drops what falls out of the kept window.
 pub(super) async fn record_history(
@@ -373,32 +430,6 @@ pub(super) async fn apply_delta_rows(
         rows.run(&delta, meta, version)?;
     }
     rows.history(version, &Change::Delta(delta))
-}
-
-/// Writes the thread row after one or more deltas: version and watermark become `version`.
-pub(super) async fn write_head(
-    conn: &mut PgConnection,
-    id: &str,
-    head: &Head,
-    version: u64,
-    now: i64,
-) -> Result<()> {
-    let base = head.new_base_state.as_ref().map(to_json).transpose()?;
-    sqlx::query(
-        "UPDATE threads SET version = $2, watermark = $2, state = COALESCE($3, state), \
-         current_state = $4, message_count = $5, patch_count = $6, updated_at = $7 WHERE id = $1",
-    )
-    .bind(id)
-    .bind(i(version)?)
-    .bind(base)
-    .bind(to_json(&head.current_state)?)
-    .bind(head.message_count)
-    .bind(head.patch_count)
-    .bind(now)
-    .execute(&mut *conn)
-    .await
-    .map_err(db_err)?;
-    Ok(())
 }
 
 /// Writes a full thread's rows (create and replace): every message and patch at its

@@ -6,7 +6,6 @@ use super::codec::{db_err, enc, enc_opt, from_json, i, inc_col, to_json, u};
 use super::rows::{
     Rows, apply_delta_rows, existing_ids, insert_thread_rows, load_metadata, lock_head,
     lock_version, record_history, remember_keys, remembered, replace_thread_rows, trim_keys,
-    write_head,
 };
 use crate::id::ThreadId;
 use crate::model::{ChangeSet, Extra, Thread};
@@ -175,7 +174,6 @@ pub async fn append(
         version,
     )
     .await?;
-    rows.write(conn, tid).await?;
     if let Some(key) = &idempotency {
         sqlx::query(
             "INSERT INTO idempotency (thread_id, key, fingerprint, version) VALUES ($1, $2, $3, $4)",
@@ -189,7 +187,7 @@ pub async fn append(
         .map_err(db_err)?;
         trim_keys(conn, tid).await?;
     }
-    write_head(conn, tid, &head, version, now).await?;
+    rows.write_with_head(conn, tid, &head, version).await?;
     Ok(Appended {
         version,
         replayed: false,
@@ -274,9 +272,8 @@ pub async fn apply_batch(
             keys.push((key, version));
         }
     }
-    rows.write(conn, tid).await?;
     remember_keys(conn, tid, &keys).await?;
-    write_head(conn, tid, &head, version, now).await?;
+    rows.write_with_head(conn, tid, &head, version).await?;
     if identity.is_some() || metadata.is_some() {
         let (resource_id, parent_thread_id) = identity.clone().unwrap_or_default();
         let metadata = metadata.as_ref().map(to_json).transpose()?;
