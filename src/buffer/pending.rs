@@ -44,6 +44,11 @@ impl PendingScan {
         self.oldest_at = Some(self.oldest_at.map_or(at, |o| o.min(at)));
     }
 
+    /// Buffered entries counted so far.
+    pub fn entries(&self) -> u64 {
+        self.entries
+    }
+
     /// Sets the gauges.
     pub fn publish(self, b: &Buffered) {
         b.counters.pending_entries.set(self.entries as i64);

@@ -17,6 +17,14 @@
 //! lookup every [`CONFIRM_EVERY`] passes: such a thread is folded at most that many passes
 //! late, never lost (and the replica that appended folds it on its own schedule anyway).
 //! Marks live in a cache bounded in bytes; a thread that falls out of it costs one no-op fold.
+//!
+//! Most passes need no listing at all. The log's last sequence changes with every append
+//! (writes and tombstones) and never with a trim, so when it is what the last full pass saw,
+//! that pass left nothing waiting (no thread short of its idle age, no failed fold, nothing
+//! pending) and no kept entries are due for trimming, nothing can have changed: the pass is
+//! one stream-info request. Trims may run late (the keep window is a minimum), so entries
+//! due for trimming alone call a full pass at most every [`TRIM_EVERY`]. Confirmations count
+//! full passes only, so a quiet spell does not end in a burst of them.
 
 use super::Buffered;
 use super::log::Body;
@@ -34,6 +42,10 @@ const MAX_FOLD_BACKOFF: Duration = Duration::from_secs(30);
 /// A skipped thread's mark is confirmed with a lookup this often (in passes): bounds how
 /// late a fold can be when an unchanged entry count hides another replica's append.
 pub const CONFIRM_EVERY: u64 = 10;
+/// How often entries due for trimming alone call a full pass (or `--keep-folded`, if
+/// shorter): kept entries may outlive the window by this much, and threads idle in their
+/// keep window cost one listing per this period instead of one per pass.
+const TRIM_EVERY: Duration = Duration::from_secs(30);
 /// Bytes the fold marks may hold: about 100 bytes a thread, so some 160,000 threads.
 const MARKS_BYTES: u64 = 16 << 20;
 
@@ -108,16 +120,31 @@ impl Buffered {
     pub(super) async fn sweep(self: Arc<Self>, shutdown: CancellationToken) {
         let interval = (self.fold_idle / 2).max(Duration::from_millis(100));
         let mut backoff: HashMap<ThreadId, (tokio::time::Instant, Duration)> = HashMap::new();
+        // Full passes so far (confirmations count these).
         let mut pass = 0u64;
+        // What the last full pass saw and left, for skipping quiet passes (module docs).
+        let mut quiet: Option<Quiet> = None;
+        let trim_every = TRIM_EVERY.min(self.keep_folded).as_millis() as i64;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(interval) => {}
             }
+            if let Some(q) = &quiet
+                && q.may_skip(now_ms(), trim_every)
+                && self.log.last_seq().await.is_ok_and(|seq| seq == q.seq)
+            {
+                continue;
+            }
+            quiet = None;
             pass += 1;
-            let Ok(subjects) = self.log.subjects().await else {
+            let started = now_ms();
+            let Ok((seq, subjects)) = self.log.subjects().await else {
                 continue;
             };
+            // Whether anything is left for a later pass, and the earliest trim that is due.
+            let mut waiting = false;
+            let mut next_trim: Option<i64> = None;
             let listed: HashSet<&ThreadId> = subjects.iter().map(|(id, _)| id).collect();
             backoff.retain(|id, _| listed.contains(id));
             let mut pending = PendingScan::default();
@@ -128,6 +155,11 @@ impl Buffered {
                 let mark = self.marks.get(id);
                 let now = now_ms();
                 let trim_due = mark.is_some_and(|m| m.trim_at.is_some_and(|t| now >= t));
+                if let Some(t) = mark.and_then(|m| m.trim_at)
+                    && !trim_due
+                {
+                    next_trim = Some(next_trim.map_or(t, |n| n.min(t)));
+                }
                 if let Some(m) = mark
                     && !trim_due
                     && m.count == Some(*count)
@@ -156,6 +188,7 @@ impl Buffered {
                     .get(id)
                     .is_some_and(|(until, _)| *until > tokio::time::Instant::now())
                 {
+                    waiting = true;
                     continue;
                 }
                 let idle = match last {
@@ -167,13 +200,19 @@ impl Buffered {
                     _ => false,
                 };
                 if !idle {
+                    waiting = true;
                     continue;
                 }
                 match self.fold(id).await {
                     Ok(_) | Err(Error::Store(crate::store::StoreError::NotFound)) => {
                         backoff.remove(id);
+                        // The entries this fold kept are due for trimming later.
+                        if let Some(t) = self.marks.get(id).and_then(|m| m.trim_at) {
+                            next_trim = Some(next_trim.map_or(t, |n| n.min(t)));
+                        }
                     }
                     Err(_) => {
+                        waiting = true;
                         let next = backoff
                             .get(id)
                             .map_or(interval, |(_, d)| (*d * 2).min(MAX_FOLD_BACKOFF));
@@ -181,7 +220,35 @@ impl Buffered {
                     }
                 }
             }
+            waiting |= pending.entries() > 0;
             pending.publish(&self);
+            if !waiting {
+                quiet = Some(Quiet {
+                    seq,
+                    next_trim,
+                    started,
+                });
+            }
+        }
+    }
+}
+
+/// A full pass that left nothing waiting: the log's last sequence it saw, the earliest
+/// time kept entries are due for trimming, and when it started (Unix ms).
+struct Quiet {
+    seq: u64,
+    next_trim: Option<i64>,
+    started: i64,
+}
+
+impl Quiet {
+    /// Whether a pass at `now` may be skipped if the log's last sequence is still `seq`:
+    /// yes unless kept entries are due for trimming and the last full pass is `trim_every`
+    /// milliseconds old.
+    fn may_skip(&self, now: i64, trim_every: i64) -> bool {
+        match self.next_trim {
+            Some(t) if now >= t => now - self.started < trim_every,
+            _ => true,
         }
     }
 }

@@ -366,19 +366,30 @@ impl Log {
         Ok(self
             .subjects()
             .await?
+            .1
             .into_iter()
             .map(|(id, _)| id)
             .collect())
     }
 
+    /// The log's last sequence: it changes whenever any thread's entry (a write or a
+    /// tombstone) is appended, and never when entries are trimmed. One request.
+    pub async fn last_seq(&self) -> Result<u64> {
+        let mut stream = self.stream.clone();
+        let info = timed("stream info", stream.info()).await?;
+        Ok(info.state.last_sequence)
+    }
+
     /// Every thread with entries in the log, with how many entries its subject holds (one
-    /// listing, however many threads: what the idle sweeper compares between passes).
-    pub async fn subjects(&self) -> Result<Vec<(ThreadId, u64)>> {
+    /// listing, however many threads: what the idle sweeper compares between passes), and
+    /// the log's last sequence before the listing (see [`Log::last_seq`]).
+    pub async fn subjects(&self) -> Result<(u64, Vec<(ThreadId, u64)>)> {
         let listed = async {
             let mut stream = self.stream.clone();
             let info = stream.info().await.map_err(|e| e.to_string())?;
+            let last_seq = info.state.last_sequence;
             if info.state.messages == 0 {
-                return Ok(Vec::new());
+                return Ok((last_seq, Vec::new()));
             }
             let mut subjects = self
                 .stream
@@ -393,7 +404,7 @@ impl Log {
                     out.push((id, count as u64));
                 }
             }
-            Ok::<_, String>(out)
+            Ok::<_, String>((last_seq, out))
         };
         // Listing many subjects takes several round trips: a longer, still bounded wait.
         match tokio::time::timeout(NATS_TIMEOUT * 6, listed).await {
