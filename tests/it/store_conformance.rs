@@ -899,7 +899,7 @@ async fn apply_batch_runs_and_resets(s: &DynStore) {
         }
         Change::Delta(from(v))
     };
-    let log = vec![
+    let log = [
         run(
             "running",
             Some("p0"),
