@@ -12,13 +12,16 @@
 //!
 //! Requests are sequential (one in flight), so latencies are per request, not under load.
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use async_nats::jetstream;
 use serde_json::{Value, json};
 use sqlx::Connection;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use support::{PgSchema, Process, env_or};
+
+#[path = "support/mod.rs"]
+mod support;
 
 struct Opts {
     bin: String,
@@ -32,10 +35,6 @@ struct Opts {
     /// Deltas buffered before each timed flush, one measurement per value.
     fold_n: Vec<usize>,
     out: String,
-}
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_owned())
 }
 
 fn env_num(name: &str, default: usize) -> Result<usize> {
@@ -78,59 +77,10 @@ impl Opts {
 }
 
 /// A gateway process; killed when dropped.
-struct Gateway {
-    child: tokio::process::Child,
-    base: String,
-}
-
-impl Gateway {
-    async fn start(o: &Opts, store: &str, prefix: &str) -> Result<Self> {
-        let mut child = tokio::process::Command::new(&o.bin)
-            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
-            .args([
-                "--store",
-                store,
-                "--nats-url",
-                &o.nats,
-                "--nats-prefix",
-                prefix,
-            ])
-            // No idle folds during a measurement: folds happen where they are measured.
-            .args(["--fold-idle", "1h"])
-            .env("RUST_LOG", "warn,threadgate::app=info")
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("cannot start {} (build it first)", o.bin))?;
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let addr = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Some(line) = lines.next_line().await? {
-                let Ok(v) = serde_json::from_str::<Value>(&line) else {
-                    continue;
-                };
-                if v["fields"]["message"] == "threadgate listening" {
-                    return Ok(v["fields"]["addr"].as_str().unwrap_or_default().to_owned());
-                }
-            }
-            bail!("threadgate exited before listening")
-        })
-        .await
-        .context("threadgate did not listen within 30 s")??;
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(Gateway {
-            child,
-            base: format!("http://{addr}"),
-        })
-    }
-
-    async fn stop(mut self) {
-        if let Some(pid) = self.child.id() {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status();
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
-    }
+/// A gateway in buffered mode with no idle folds during a measurement (folds happen where
+/// they are measured).
+async fn gateway(o: &Opts, store: &str, prefix: &str) -> Result<Process> {
+    Process::buffered(&o.bin, store, &o.nats, prefix, &["--fold-idle", "1h"]).await
 }
 
 struct Client {
@@ -151,21 +101,7 @@ impl Client {
 
     /// POST with a prepared JSON body; the answer must be 2xx.
     async fn post(&self, path: &str, body: bytes::Bytes) -> Result<Value> {
-        let res = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await?;
-        let status = res.status();
-        let bytes = res.bytes().await?;
-        ensure!(
-            status.is_success(),
-            "POST {path}: {status} {}",
-            String::from_utf8_lossy(&bytes)
-        );
-        Ok(serde_json::from_slice(&bytes)?)
+        support::post(&self.http, &format!("{}{path}", self.base), body).await
     }
 
     async fn create(&self, id: &str) -> Result<()> {
@@ -272,40 +208,6 @@ async fn appends(c: &Client, id: &str, run: &str, from: usize, n: usize) -> Resu
     Ok(out)
 }
 
-struct PgSchema {
-    base: String,
-    name: String,
-}
-
-impl PgSchema {
-    async fn create(base: &str) -> Result<Self> {
-        let name = format!("bench_{}", uuid::Uuid::now_v7().simple());
-        let mut conn = sqlx::PgConnection::connect(base)
-            .await
-            .with_context(|| format!("PostgreSQL at {base}"))?;
-        sqlx::query(&format!("CREATE SCHEMA {name}"))
-            .execute(&mut conn)
-            .await?;
-        Ok(PgSchema {
-            base: base.to_owned(),
-            name,
-        })
-    }
-
-    fn url(&self) -> String {
-        let sep = if self.base.contains('?') { '&' } else { '?' };
-        format!("{}{sep}options=-c%20search_path%3D{}", self.base, self.name)
-    }
-
-    async fn drop(self) {
-        if let Ok(mut conn) = sqlx::PgConnection::connect(&self.base).await {
-            let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name))
-                .execute(&mut conn)
-                .await;
-        }
-    }
-}
-
 async fn pg_version(base: &str) -> String {
     async {
         let mut conn = sqlx::PgConnection::connect(base).await.ok()?;
@@ -368,8 +270,8 @@ async fn run(
         serde_json::to_vec(&json!({"kind": "delta", "body": inner}))?.into();
 
     say("starting a gateway on the memory store and one on PostgreSQL");
-    let gm = Gateway::start(o, "memory:", &format!("{prefix}m")).await?;
-    let gp = Gateway::start(o, &schema.url(), prefix).await?;
+    let gm = gateway(o, "memory:", &format!("{prefix}m")).await?;
+    let gp = gateway(o, &schema.url(), prefix).await?;
     let (cm, cp) = (Client::new(&gm.base), Client::new(&gp.base));
     cm.create("append").await?;
     cp.create("append").await?;

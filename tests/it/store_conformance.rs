@@ -934,15 +934,7 @@ async fn apply_batch_runs_and_resets(s: &DynStore) {
     for id in ["direct", "folded"] {
         create_empty(s, id).await;
     }
-    for (n, change) in log.iter().enumerate() {
-        write_directly(s, &tid("direct"), change, n as u64 + 1).await;
-    }
-    let batch: Vec<Write> = log
-        .iter()
-        .enumerate()
-        .map(|(n, c)| fold(n as u64 + 1, c.clone()))
-        .collect();
-    assert_eq!(s.apply_batch(&tid("folded"), &batch).await.unwrap(), 6);
+    direct_and_folded(s, &log).await;
     assert_eq!(comparable(s, "folded").await, comparable(s, "direct").await);
     // Spot checks, so the comparison is not of two equally wrong things.
     let r1 = s.run(&tid("folded"), "r1").await.unwrap();
@@ -964,6 +956,24 @@ async fn apply_batch_runs_and_resets(s: &DynStore) {
         state_of(s, &tid("folded")).await,
         (json!({"s": 0, "z": 3, "w": 4}), 6)
     );
+}
+
+/// Writes `log` to thread "direct" one change at a time and folds it into thread "folded"
+/// as one batch, which it returns.
+async fn direct_and_folded(s: &DynStore, log: &[Change]) -> Vec<Write> {
+    for (n, change) in log.iter().enumerate() {
+        write_directly(s, &tid("direct"), change, n as u64 + 1).await;
+    }
+    let batch: Vec<Write> = log
+        .iter()
+        .enumerate()
+        .map(|(n, c)| fold(n as u64 + 1, c.clone()))
+        .collect();
+    assert_eq!(
+        s.apply_batch(&tid("folded"), &batch).await.unwrap(),
+        log.len() as u64
+    );
+    batch
 }
 
 /// Applies a change the direct way, expecting it to become `version`.
@@ -1060,16 +1070,8 @@ async fn apply_batch_mixed(s: &DynStore) {
         s.create(&tid(id), base.clone()).await.unwrap();
     }
     let log = mixed_log();
-    for (n, change) in log.iter().enumerate() {
-        write_directly(s, &tid("direct"), change, n as u64 + 1).await;
-    }
-    let batch: Vec<Write> = log
-        .iter()
-        .enumerate()
-        .map(|(n, c)| fold(n as u64 + 1, c.clone()))
-        .collect();
+    let batch = direct_and_folded(s, &log).await;
     let last = log.len() as u64;
-    assert_eq!(s.apply_batch(&tid("folded"), &batch).await.unwrap(), last);
     let want = comparable(s, "direct").await;
     assert_eq!(comparable(s, "folded").await, want);
     // Spot checks, so the comparison is not of two equally wrong things.

@@ -112,10 +112,14 @@ async fn every_version_once_across_restarts_buffered() {
     every_version_once_across_restarts(Mode::Buffered).await;
 }
 
-/// A connection that goes silent (the path dies, no FIN) is noticed by the idle deadline and
-/// replaced; the stream continues after the last version it delivered.
-#[tokio::test]
-async fn a_silent_connection_is_replaced() {
+/// A memory gateway, a proxy that can stall, thread `s` followed through the proxy with
+/// short deadlines, and its first write (version 1, "one") already delivered.
+async fn following_through_a_proxy() -> (
+    Gateway,
+    LossyProxy,
+    ThreadgateStore,
+    mpsc::UnboundedReceiver<Result<LiveEvent, String>>,
+) {
     let gw = Gateway::start(Mode::Memory).await;
     let proxy = LossyProxy::start(gw.addr).await;
     let store = client_for(&gw.base());
@@ -132,6 +136,14 @@ async fn a_silent_connection_is_replaced() {
         .await
         .unwrap();
     assert_eq!(text(&next_write(&mut rx).await), (1, "one".into()));
+    (gw, proxy, store, rx)
+}
+
+/// A connection that goes silent (the path dies, no FIN) is noticed by the idle deadline and
+/// replaced; the stream continues after the last version it delivered.
+#[tokio::test]
+async fn a_silent_connection_is_replaced() {
+    let (gw, proxy, store, mut rx) = following_through_a_proxy().await;
 
     proxy.stall(true);
     store
@@ -154,22 +166,7 @@ async fn a_silent_connection_is_replaced() {
 /// reconnect names the life it followed, and the gateway answers `reset`.
 #[tokio::test]
 async fn a_thread_created_again_while_away_is_a_reset() {
-    let gw = Gateway::start(Mode::Memory).await;
-    let proxy = LossyProxy::start(gw.addr).await;
-    let store = client_for(&gw.base());
-    store.create(&Thread::new("s")).await.unwrap();
-    let follower = ThreadgateStore::builder(proxy.base())
-        .follow_idle_timeout(Duration::from_millis(300))
-        .timeout(Duration::from_millis(500))
-        .backoff(Duration::from_millis(20), Duration::from_millis(100))
-        .build()
-        .unwrap();
-    let mut rx = collect(follower.follow("s", 0));
-    store
-        .append("s", &said("one"), VersionPrecondition::Any)
-        .await
-        .unwrap();
-    assert_eq!(text(&next_write(&mut rx).await), (1, "one".into()));
+    let (gw, proxy, store, mut rx) = following_through_a_proxy().await;
 
     proxy.stall(true);
     store.delete("s").await.unwrap();
