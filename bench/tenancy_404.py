@@ -120,7 +120,7 @@ def main():
         proc.terminate()
         proc.wait(timeout=30)
         if schema:
-            subprocess.run(["psql", pg, "-qc", f"DROP SCHEMA {schema} CASCADE"], check=False)
+            subprocess.run(["psql", pg, "-qc", f"SET client_min_messages = warning; DROP SCHEMA {schema} CASCADE"], check=False)
 
 
 if __name__ == "__main__":
