@@ -215,3 +215,56 @@ async fn unreachable_server_is_unavailable() {
         Err(StoreError::Unavailable(_))
     ));
 }
+
+/// A thread too large for the one-statement snapshot read (PostgreSQL's 1 GB cap on a value)
+/// is read with `get_paged`: both reads must give the same snapshot, so the fallback returns
+/// exactly what a normal read does. (A real 1 GB thread is too heavy for CI; the fallback is
+/// chosen on SQLSTATE 54000, checked by hand as the README's "Limits" section describes.)
+#[tokio::test]
+async fn paged_snapshot_read_matches_the_one_statement_read() {
+    use serde_json::json;
+    use threadgate::id::ThreadId;
+    use threadgate::model::{ChangeSet, Thread};
+    use threadgate::store::{Expect, Store};
+
+    let (store, _schema) = fresh_store().await;
+    let id = ThreadId::parse("paged").unwrap();
+    let mut thread: Thread = serde_json::from_value(json!({
+        "id": "paged", "resource_id": "r", "state": {"n": 0, "list": []},
+        "messages": [], "patches": [], "metadata": {"title": "t"}
+    }))
+    .unwrap();
+    thread.messages.clear();
+    store.create(&id, thread).await.unwrap();
+    for i in 0..5 {
+        let delta: ChangeSet = serde_json::from_value(json!({
+            "run_id": "r", "reason": "AssistantTurnCommitted",
+            "messages": [{"id": format!("m{i}"), "role": "assistant", "content": format!("step {i}")}],
+            "patches": [{"patch": {"ops": [{"op": "set", "path": ["n"], "value": i}]}}]
+        }))
+        .unwrap();
+        store.append(&id, &delta, Expect::Any, None).await.unwrap();
+    }
+    let one = store.get(&id).await.unwrap();
+    let paged = store.get_paged(&id).await.unwrap();
+    let (a, b) = (
+        serde_json::to_value(&one.thread).unwrap(),
+        serde_json::to_value(&paged.thread).unwrap(),
+    );
+    assert_eq!(a["messages"].as_array().unwrap().len(), 5);
+    assert_eq!(a["patches"].as_array().unwrap().len(), 5);
+    assert_eq!(a, b);
+    assert_eq!(
+        (one.version, one.watermark, one.created_at, one.updated_at),
+        (
+            paged.version,
+            paged.watermark,
+            paged.created_at,
+            paged.updated_at
+        )
+    );
+    assert!(matches!(
+        store.get_paged(&ThreadId::parse("missing").unwrap()).await,
+        Err(threadgate::store::StoreError::NotFound)
+    ));
+}

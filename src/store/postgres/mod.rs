@@ -67,6 +67,8 @@ fn migrator() -> Migrator {
 
 /// `BEGIN` of a write transaction.
 const BEGIN_WRITE: &str = "BEGIN";
+/// `BEGIN` of a read that spans several statements: one snapshot for all of them.
+const BEGIN_READ: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY";
 /// `application_name` of the gateway's sessions (unless the URL names one), so an operator
 /// (and the tests) can find them in `pg_stat_activity`.
 pub const APPLICATION_NAME: &str = "threadgate";
@@ -227,6 +229,17 @@ macro_rules! in_task {
     }};
 }
 
+impl PostgresStore {
+    /// The snapshot of `id` read in several statements inside one `REPEATABLE READ READ ONLY`
+    /// transaction: what [`Store::get`] falls back to when a thread is too large for its
+    /// one-statement read (PostgreSQL caps a value and a row at 1 GB). Public so that the
+    /// tests can hold both reads to the same answer.
+    pub async fn get_paged(&self, id: &ThreadId) -> Result<Snapshot> {
+        let id = id.clone();
+        in_task!(self, BEGIN_READ, |c| read::get_paged(c, id))
+    }
+}
+
 /// Runs a store operation to completion in its own task.
 async fn spawned<T: Send + 'static>(
     op: impl std::future::Future<Output = Result<T>> + Send + 'static,
@@ -304,8 +317,11 @@ impl Store for PostgresStore {
 
     async fn get(&self, id: &ThreadId) -> Result<Snapshot> {
         // In a task of its own like a write, so a client that hangs up never cuts it off.
-        let (pool, id) = (self.pool.clone(), id.clone());
-        spawned(async move { read::get(&pool, &id).await }).await
+        let (pool, one) = (self.pool.clone(), id.clone());
+        if let Some(snapshot) = spawned(async move { read::get(&pool, &one).await }).await? {
+            return Ok(snapshot);
+        }
+        self.get_paged(id).await
     }
 
     async fn version(&self, id: &ThreadId) -> Result<u64> {

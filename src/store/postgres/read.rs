@@ -1,10 +1,13 @@
 //! Reads: each is one statement (its result is one consistent snapshot, so the version a
 //! read reports always matches the data it returns), with no transaction around it: a
 //! snapshot aggregates its messages and patches in the same statement as the thread row.
+//! The one exception is a thread too large for that (PostgreSQL caps one value, and one
+//! row, at 1 GB): [`get`] says so and [`get_paged`] reads it in several statements inside
+//! one `REPEATABLE READ READ ONLY` transaction, which gives the same one snapshot.
 
 use super::codec::{
-    JoinedHistoryRow, JoinedMessageRow, JoinedRunRow, SnapshotRow, SummaryRow, db_err, dec_opt,
-    enc, from_json, inc, u,
+    JoinedHistoryRow, JoinedMessageRow, JoinedRunRow, SnapshotRow, SummaryRow, ThreadRow, db_err,
+    dec_opt, enc, from_json, inc, u,
 };
 use crate::id::ThreadId;
 use crate::model::{Message, Thread};
@@ -12,12 +15,17 @@ use crate::store::{
     History, Incarnation, ListOrderBy, ListPage, ListQuery, MessagePage, MessageQuery, Order,
     Result, RunRecord, Snapshot, StateAt, StoreError, VisibilityFilter,
 };
-use sqlx::{PgPool, Postgres, QueryBuilder};
+use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder};
+
+/// SQLSTATE `program_limit_exceeded`: what PostgreSQL raises when an aggregated array or a
+/// result row would pass its 1 GB allocation limit.
+const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
 
 /// [`crate::store::Store::get`]: one statement (so one consistent snapshot, with no
 /// transaction around it): the thread row with its messages and patches aggregated in order.
-pub async fn get(pool: &PgPool, id: &ThreadId) -> Result<Snapshot> {
-    let row: Option<SnapshotRow> = sqlx::query_as(
+/// `None` when the thread is too large to travel in one row: read it with [`get_paged`].
+pub async fn get(pool: &PgPool, id: &ThreadId) -> Result<Option<Snapshot>> {
+    let row: Option<SnapshotRow> = match sqlx::query_as(
         "SELECT t.id, t.resource_id, t.parent_thread_id, t.version, t.watermark, \
            t.incarnation, t.state, t.metadata, t.created_at, t.updated_at, \
            ARRAY(SELECT m.body FROM messages m WHERE m.thread_id = t.id ORDER BY m.cursor) \
@@ -29,12 +37,49 @@ pub async fn get(pool: &PgPool, id: &ThreadId) -> Result<Snapshot> {
     .bind(id.as_str())
     .fetch_optional(pool)
     .await
-    .map_err(db_err)?;
+    {
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(PROGRAM_LIMIT_EXCEEDED) => {
+            return Ok(None);
+        }
+        other => other.map_err(db_err)?,
+    };
     let SnapshotRow {
-        thread: row,
+        thread,
         messages,
         patches,
     } = row.ok_or(StoreError::NotFound)?;
+    snapshot(thread, &messages, &patches).map(Some)
+}
+
+/// [`get`] in several statements, for a thread too large for one row; run it inside one
+/// `REPEATABLE READ READ ONLY` transaction so that it reads one snapshot.
+pub async fn get_paged(conn: &mut PgConnection, id: ThreadId) -> Result<Snapshot> {
+    let row: Option<ThreadRow> = sqlx::query_as(
+        "SELECT id, resource_id, parent_thread_id, version, watermark, incarnation, state, \
+         metadata, created_at, updated_at FROM threads WHERE id = $1",
+    )
+    .bind(id.as_str())
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db_err)?;
+    let row = row.ok_or(StoreError::NotFound)?;
+    let messages: Vec<String> =
+        sqlx::query_scalar("SELECT body FROM messages WHERE thread_id = $1 ORDER BY cursor")
+            .bind(id.as_str())
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(db_err)?;
+    let patches: Vec<String> =
+        sqlx::query_scalar("SELECT body FROM patches WHERE thread_id = $1 ORDER BY seq")
+            .bind(id.as_str())
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(db_err)?;
+    snapshot(row, &messages, &patches)
+}
+
+/// A snapshot from its thread row and its message and patch bodies in order.
+fn snapshot(row: ThreadRow, messages: &[String], patches: &[String]) -> Result<Snapshot> {
     Ok(Snapshot {
         thread: Thread {
             id: row.id,
