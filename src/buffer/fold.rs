@@ -90,9 +90,9 @@ impl Buffered {
                 return self.finish_delete(id).await;
             }
             let entries: Vec<Write> = page
-                .iter()
+                .into_iter()
                 .filter(|e| e.version > version && e.seq <= last.seq)
-                .filter_map(LogEntry::write)
+                .filter_map(LogEntry::into_write)
                 .collect();
             if entries.is_empty() {
                 continue;

@@ -54,6 +54,19 @@ impl LogEntry {
         self.body == Body::Deleted
     }
 
+    /// The write it records (`None` for a tombstone), consuming the entry (no copy).
+    pub fn into_write(self) -> Option<Write> {
+        match self.body {
+            Body::Write(change) => Some(Write {
+                version: self.version,
+                at: self.at,
+                change,
+                idempotency: self.idempotency,
+            }),
+            Body::Deleted => None,
+        }
+    }
+
     /// The write it records (`None` for a tombstone).
     pub fn write(&self) -> Option<Write> {
         match &self.body {
