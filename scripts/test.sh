@@ -502,6 +502,22 @@ fi
 # END openapi-conformance
 # ---------------------------------------------------------------------------------------------
 
+# The benchmark harness (bench/run.sh, its own crate under bench/harness/) in smoke mode: every
+# section with tiny sizes against the debug gateway built above, so the harness keeps compiling
+# and running. It never asserts a timing; it fails only when something answers other than
+# what is measured (a lost delta, a refused append). Lints of its crate run here too (CI).
+if [[ $run_openapi == 1 || "${THREADGATE_BENCH_SMOKE:-}" == 1 ]]; then
+    if [[ "${CI:-}" == true || "${CI:-}" == 1 ]]; then
+        log "bench/harness: cargo fmt --check, cargo clippy -- -D warnings"
+        cargo fmt --manifest-path bench/harness/Cargo.toml --check || { log "FAILED: cargo fmt (bench/harness)"; status=1; }
+        cargo clippy --manifest-path bench/harness/Cargo.toml --all-targets --locked -- -D warnings || { log "FAILED: cargo clippy (bench/harness)"; status=1; }
+    fi
+    log "bench/run.sh --smoke"
+    cargo build --quiet --bin threadgate || status=1
+    BENCH_NATS_URL="$THREADGATE_TEST_NATS_URL" BENCH_PG_URL="$THREADGATE_TEST_PG_URL" \
+        bench/run.sh --smoke </dev/null || { log "FAILED: benchmark harness smoke run"; status=1; }
+fi
+
 # Doctests of every workspace member (nextest does not run them): only when some doc comment
 # or crate README holds a code block.
 if grep -rqE '^\s*//[/!].*```' src clients/*/src || grep -qE '^```rust' clients/*/README.md; then

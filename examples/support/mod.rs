@@ -15,6 +15,10 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 const START_DEADLINE: Duration = Duration::from_secs(60);
 /// How long a SIGTERM may take before the process is left to `kill_on_drop`.
 const STOP_DEADLINE: Duration = Duration::from_secs(60);
+/// The gateway's log filter unless a caller asks for more: quiet, but it says where it listens.
+const DEFAULT_LOG: &str = "warn,threadgate::app=info";
+/// Log lines kept per process for [`Process::wait_log`] (oldest dropped first).
+const LOG_KEEP: usize = 10_000;
 
 /// An environment knob, or its default.
 pub fn env_or(name: &str, default: &str) -> String {
@@ -29,16 +33,23 @@ pub struct Process {
     pub base: String,
     /// Its process id.
     pub pid: u32,
+    /// Its latest JSON log lines (at most [`LOG_KEEP`]).
+    pub log: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<Value>>>,
 }
 
 impl Process {
     /// Starts `bin --listen 127.0.0.1:0 --log-format json <args>` and waits until it says
     /// where it listens.
     pub async fn start(bin: &str, args: &[&str]) -> Result<Self> {
+        Self::start_logged(bin, args, DEFAULT_LOG).await
+    }
+
+    /// [`Process::start`] with the log filter `rust_log` (`RUST_LOG` syntax).
+    pub async fn start_logged(bin: &str, args: &[&str], rust_log: &str) -> Result<Self> {
         let mut child = tokio::process::Command::new(bin)
             .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
             .args(args)
-            .env("RUST_LOG", "warn,threadgate::app=info")
+            .env("RUST_LOG", rust_log)
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
@@ -58,12 +69,52 @@ impl Process {
         })
         .await
         .with_context(|| format!("threadgate did not listen within {START_DEADLINE:?}"))??;
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let log = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+        let keep = log.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    let mut log = keep.lock().unwrap();
+                    if log.len() == LOG_KEEP {
+                        log.pop_front();
+                    }
+                    log.push_back(v);
+                }
+            }
+        });
         Ok(Process {
             child,
             base: format!("http://{addr}"),
             pid,
+            log,
         })
+    }
+
+    /// Waits (up to `deadline`) for a log line whose message is `message`; returns its fields.
+    pub async fn wait_log(&self, message: &str, deadline: Duration) -> Result<Value> {
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let found = self
+                .log
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|v| v["fields"]["message"] == message)
+                .map(|v| v["fields"].clone());
+            if let Some(fields) = found {
+                return Ok(fields);
+            }
+            ensure!(
+                tokio::time::Instant::now() < until,
+                "no log line {message:?} within {deadline:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// SIGKILL: no shutdown work at all (what a crash leaves behind).
+    pub async fn kill(mut self) {
+        let _ = self.child.kill().await;
     }
 
     /// [`Process::start`] in buffered mode: `store`, NATS at `nats` under `prefix`, then
