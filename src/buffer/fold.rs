@@ -50,18 +50,19 @@ impl Buffered {
     }
 
     async fn fold_locked(&self, id: &ThreadId) -> Result<FoldReport> {
-        let Some(last) = self.log.last(id).await? else {
+        // The log's end and the store's watermark are independent: ask both at once.
+        let (last, stored) = tokio::join!(self.log.last(id), self.store.version(id));
+        let Some(last) = last? else {
             self.marks.forget(id);
-            let version = self.store.version(id).await?;
             return Ok(FoldReport {
-                version,
+                version: stored?,
                 applied: 0,
             });
         };
         if last.is_tombstone() {
             return self.finish_delete(id).await;
         }
-        let watermark = match self.store.version(id).await {
+        let watermark = match stored {
             Ok(w) => w,
             Err(StoreError::NotFound) => {
                 // A thread that is gone: whatever is left can never be folded.
@@ -77,7 +78,7 @@ impl Buffered {
         let mut first_seq = None;
         // The first entry to keep: a recent one (for retries).
         let mut keep_from = None;
-        let mut reader = self.log.reader(id, None).await?;
+        let mut reader = self.log.reader_to(id, None, last.seq);
         while let Some(page) = reader.next_page(super::PAGE).await? {
             first_seq.get_or_insert(page[0].seq);
             if keep_from.is_none() {

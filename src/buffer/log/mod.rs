@@ -324,8 +324,14 @@ impl Log {
     /// up to the newest entry at the time of this call.
     pub async fn reader(&self, id: &ThreadId, from: Option<u64>) -> Result<LogReader> {
         let end = self.last(id).await?.map_or(0, |e| e.seq);
+        Ok(self.reader_to(id, from, end))
+    }
+
+    /// [`Log::reader`] for a caller that already knows the newest sequence, `end` (0 when
+    /// the log is empty): the read ends there, and costs no request to find it.
+    pub fn reader_to(&self, id: &ThreadId, from: Option<u64>, end: u64) -> LogReader {
         let next = from.unwrap_or(1).max(1);
-        Ok(LogReader {
+        LogReader {
             log: self.clone(),
             id: id.clone(),
             next,
@@ -333,7 +339,7 @@ impl Log {
             consumer: None,
             singles_left: reader::SINGLE_READS,
             done: end == 0 || next > end,
-        })
+        }
     }
 
     /// Removes the thread's messages with sequence below `before` (all when `None`).
