@@ -15,6 +15,12 @@ use std::time::{Duration, Instant};
 /// Connections per loopback source address: below the 28,232 ephemeral ports Linux gives
 /// one (source, destination) pair by default.
 const PER_SOURCE: usize = 20_000;
+/// Event streams being opened at once: more overflows the listen backlog (`somaxconn`, 4,096
+/// by default), and the kernel then drops connections the client thinks are open.
+const OPEN_CONCURRENCY: usize = 256;
+/// Descriptors kept free in each process besides its streams (listener, NATS, PostgreSQL,
+/// files, the harness's own clients).
+const FD_HEADROOM: usize = 1_500;
 /// How long opening every subscriber may take.
 const OPEN_DEADLINE: Duration = Duration::from_secs(300);
 /// How long a subscriber waits for the last event after it was appended.
@@ -43,8 +49,14 @@ fn clients(n: usize) -> Vec<reqwest::Client> {
         .collect()
 }
 
-/// Opens an event stream (`?after=0`); fails unless it is a 200.
-async fn open(http: &reqwest::Client, base: &str, id: &str) -> Result<reqwest::Response> {
+/// Opens an event stream (`?after=0`) once `gate` has room; fails unless it is a 200.
+async fn open(
+    gate: &tokio::sync::Semaphore,
+    http: &reqwest::Client,
+    base: &str,
+    id: &str,
+) -> Result<reqwest::Response> {
+    let _permit = gate.acquire().await?;
     let res = http
         .get(format!("{base}/v1/threads/{id}/events?after=0"))
         .send()
@@ -111,6 +123,7 @@ pub async fn fanout(ctx: &Ctx) -> Result<Section> {
             gw.client.create(&id, None).await?;
             let http = clients(n);
             let opened = Arc::new(AtomicUsize::new(0));
+            let gate = Arc::new(tokio::sync::Semaphore::new(OPEN_CONCURRENCY));
             let mut subs = Vec::with_capacity(n);
             for j in 0..n {
                 let (http, base, id) = (
@@ -118,9 +131,9 @@ pub async fn fanout(ctx: &Ctx) -> Result<Section> {
                     gw.client.base.clone(),
                     id.clone(),
                 );
-                let opened = opened.clone();
+                let (opened, gate) = (opened.clone(), gate.clone());
                 subs.push(tokio::spawn(async move {
-                    let res = open(&http, &base, &id).await;
+                    let res = open(&gate, &http, &base, &id).await;
                     opened.fetch_add(1, Ordering::Relaxed);
                     anyhow::Ok(receive(res?, events).await)
                 }));
@@ -209,7 +222,25 @@ pub async fn fanout(ctx: &Ctx) -> Result<Section> {
 
 /// Idle event streams per GiB of gateway RSS.
 pub async fn idle(ctx: &Ctx) -> Result<Section> {
-    let steps: Vec<usize> = ctx.pick(vec![1_000, 10_000, 25_000, 50_000], vec![50, 100]);
+    // Each stream holds a descriptor on both sides (the harness and the gateway), so the
+    // largest step is bounded by the descriptor limit every process here gets.
+    let (_, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE)?;
+    let cap = (hard as usize).saturating_sub(FD_HEADROOM);
+    let mut steps: Vec<usize> = ctx.pick(vec![1_000, 10_000, 25_000, 50_000], vec![50, 100]);
+    let wanted = *steps.last().unwrap();
+    steps.retain(|&s| s <= cap);
+    if wanted > cap {
+        steps.push(cap);
+    }
+    let limited = (wanted > cap).then(|| {
+        format!(
+            " The plan was {} streams; this machine's open-files hard limit is {} per process \
+             and the harness may not raise it (no CAP_SYS_RESOURCE), so the largest step is {}.",
+            count(wanted as f64),
+            count(hard as f64),
+            count(cap as f64)
+        )
+    });
     let threads = ctx.pick(1_000, 10);
     let settle = ctx.pick(Duration::from_secs(2), Duration::from_millis(200));
     let max = *steps.iter().max().unwrap();
@@ -223,6 +254,7 @@ pub async fn idle(ctx: &Ctx) -> Result<Section> {
     let (base_rss, _) = gw.process.rss()?;
     let http = clients(max);
     let mut streams = Vec::with_capacity(max);
+    let gate = Arc::new(tokio::sync::Semaphore::new(OPEN_CONCURRENCY));
     let mut rows = Vec::new();
     let mut points = vec![(0.0, base_rss)];
     for &step in &steps {
@@ -230,12 +262,20 @@ pub async fn idle(ctx: &Ctx) -> Result<Section> {
         let mut opening = Vec::new();
         for j in streams.len()..step {
             let (http, base) = (http[j / PER_SOURCE].clone(), gw.client.base.clone());
-            let id = format!("idle{}", j % threads);
-            opening.push(tokio::spawn(async move { open(&http, &base, &id).await }));
+            let (id, gate) = (format!("idle{}", j % threads), gate.clone());
+            opening.push(tokio::spawn(
+                async move { open(&gate, &http, &base, &id).await },
+            ));
         }
         let started = Instant::now();
         for o in opening {
-            streams.push(o.await??);
+            match o.await? {
+                Ok(res) => streams.push(res),
+                Err(e) => {
+                    diagnose(&gw, streams.len());
+                    return Err(e);
+                }
+            }
         }
         let took = started.elapsed();
         tokio::time::sleep(settle).await;
@@ -282,7 +322,8 @@ pub async fn idle(ctx: &Ctx) -> Result<Section> {
              addresses); the gateway's RSS is read from /proc {settle:?} after each step. \
              Per-stream cost is (RSS − RSS with no stream, {base_rss:.1} MiB) ÷ streams. \
              Afterwards one append per thread must reach a stream of each thread ({n} of {n} \
-             did)."
+             did).{}",
+            limited.unwrap_or_default()
         )],
         table: Table {
             columns: [
@@ -309,4 +350,17 @@ pub async fn idle(ctx: &Ctx) -> Result<Section> {
             }],
         }],
     })
+}
+
+/// What the gateway said and its descriptor limit, when a stream could not be opened.
+fn diagnose(gw: &Gateway, open: usize) {
+    eprintln!("[bench]   a stream failed to open with {open} open; the gateway's last log lines:");
+    for line in gw.process.log.lock().unwrap().iter().rev().take(5) {
+        eprintln!("[bench]     {line}");
+    }
+    if let Ok(limits) = std::fs::read_to_string(format!("/proc/{}/limits", gw.process.pid)) {
+        for l in limits.lines().filter(|l| l.starts_with("Max open files")) {
+            eprintln!("[bench]     {l}");
+        }
+    }
 }
