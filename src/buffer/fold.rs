@@ -72,13 +72,18 @@ impl Buffered {
             }
             Err(e) => return Err(e.into()),
         };
-        let window_start = now_ms() - self.keep_folded.as_millis() as i64;
+        let now = now_ms();
+        let keep = self.keep_folded.as_millis() as i64;
+        let window_start = now - keep;
         let mut version = watermark;
         let mut applied = 0;
         let mut first_seq = None;
-        // The first entry to keep: a recent one (for retries).
-        let mut keep_from = None;
-        let mut reader = self.log.reader_to(id, None, last.seq);
+        // Entries this process folded before, with nothing of them due for trimming, are not
+        // read again (see `Marks::resume`): a fold reads what is new, not the keep window.
+        let (start, kept) = self.marks.resume(id, now);
+        // The first entry to keep: a recent one (for retries), as (seq, when it was written).
+        let mut keep_from = kept.map(|(seq, trim_at)| (seq, trim_at - keep));
+        let mut reader = self.log.reader_to(id, Some(start), last.seq);
         while let Some(page) = reader.next_page(super::PAGE).await? {
             first_seq.get_or_insert(page[0].seq);
             if keep_from.is_none() {
@@ -132,9 +137,8 @@ impl Buffered {
         if first_seq.is_some_and(|first| first < before) {
             self.log.purge(id, Some(before)).await?;
         }
-        let keep = self.keep_folded.as_millis() as i64;
         self.marks
-            .folded(id, last.seq, keep_from.map(|(_, at)| at + keep));
+            .folded(id, last.seq, keep_from.map(|(seq, at)| (seq, at + keep)));
         Ok(FoldReport { version, applied })
     }
 

@@ -57,6 +57,8 @@ struct Mark {
     /// When (Unix ms) the first entry kept for retries leaves the keep window, so that a fold
     /// would trim; `None` when the fold kept nothing.
     trim_at: Option<i64>,
+    /// The log sequence of that first kept entry (`None` when the fold kept nothing).
+    keep_seq: Option<u64>,
     /// The subject's entry count when a pass confirmed `seq` as its last entry.
     count: Option<u64>,
     /// The pass that confirmed it.
@@ -87,11 +89,13 @@ impl Default for Marks {
 }
 
 impl Marks {
-    /// A fold covered the log up to `seq`; its kept entries are due for trimming at `trim_at`.
-    pub fn folded(&self, id: &ThreadId, seq: u64, trim_at: Option<i64>) {
+    /// A fold covered the log up to `seq`; it kept the entries from `kept.0` on, due for
+    /// trimming at `kept.1` (`None` when it kept nothing).
+    pub fn folded(&self, id: &ThreadId, seq: u64, kept: Option<(u64, i64)>) {
         let mark = Mark {
             seq,
-            trim_at,
+            trim_at: kept.map(|(_, at)| at),
+            keep_seq: kept.map(|(seq, _)| seq),
             count: None,
             confirmed: 0,
         };
@@ -105,6 +109,22 @@ impl Marks {
 
     fn get(&self, id: &ThreadId) -> Option<Mark> {
         self.0.get(id)
+    }
+
+    /// Where a fold of `id` at `now` (Unix ms) may start reading, and what it keeps from
+    /// before there: when this process folded the thread up to sequence `S` and whatever it
+    /// kept is still inside the keep window, every entry up to `S` is folded and none is due
+    /// for trimming, so the fold reads from `S + 1` and keeps `(first kept seq, its trim
+    /// time)` as it was. Otherwise (no mark, or kept entries due) it reads the whole log.
+    pub fn resume(&self, id: &ThreadId, now: i64) -> (u64, Option<(u64, i64)>) {
+        match self.get(id) {
+            Some(m) => match (m.keep_seq, m.trim_at) {
+                (None, _) => (m.seq + 1, None),
+                (Some(seq), Some(at)) if now < at => (m.seq + 1, Some((seq, at))),
+                _ => (1, None),
+            },
+            None => (1, None),
+        }
     }
 
     fn confirm(&self, id: &ThreadId, mut mark: Mark, count: u64, pass: u64) {

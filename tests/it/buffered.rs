@@ -703,3 +703,61 @@ async fn idempotent_retry_after_the_log_was_trimmed() {
     assert_eq!(t["version"], 2);
     gw.stop().await;
 }
+
+/// The consumers on a prefix's log stream.
+async fn log_consumers(prefix: &str) -> usize {
+    let client = async_nats::connect(nats_url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut log = js.get_stream(format!("{prefix}_log")).await.unwrap();
+    log.info().await.unwrap().state.consumer_count
+}
+
+/// A fold reads what is new, not the entries kept for retries that this process folded
+/// before (issue 11: a fold re-read up to two minutes of folded log every time). Observable on
+/// NATS: a read of more than a few entries creates a consumer on the log stream, a read of
+/// one entry does not; so after a 20-entry fold, folds of one new entry each add none.
+#[tokio::test]
+async fn a_fold_does_not_read_the_kept_entries_again() {
+    let prefix = crate::harness::nats_prefix();
+    let p = prefix.clone();
+    let gw = Gateway::start_with(Backend::Memory, move |c| {
+        c.nats_url = Some(nats_url());
+        c.nats_prefix = p;
+        c.fold_idle = Duration::from_secs(3600);
+    })
+    .await;
+    gw.create(json!({"id": "t"})).await;
+    for i in 0..20 {
+        gw.append("t", delta_msg("r", Some(&format!("a{i}")), "kept"))
+            .await;
+    }
+    assert_eq!(flush(&gw, "t").await["applied"], 20);
+    let consumers = log_consumers(&prefix).await;
+    for round in 0..3u64 {
+        gw.append("t", delta_msg("r", Some(&format!("b{round}")), "new"))
+            .await;
+        let report = flush(&gw, "t").await;
+        assert_eq!(
+            (report["applied"].as_u64(), report["version"].as_u64()),
+            (Some(1), Some(21 + round)),
+            "{report}"
+        );
+    }
+    assert_eq!(
+        log_consumers(&prefix).await,
+        consumers,
+        "folds of one new entry read only that entry (no consumer over the kept ones)"
+    );
+    // Everything is in the store, once, in order.
+    let thread = gw.get_json("/v1/threads/t?view=store").await;
+    let ids: Vec<&str> = thread["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    let mut want: Vec<String> = (0..20).map(|i| format!("a{i}")).collect();
+    want.extend((0..3).map(|i| format!("b{i}")));
+    assert_eq!(ids, want);
+    gw.stop().await;
+}
