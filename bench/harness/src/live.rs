@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-/// Connections per loopback source address: below the 28,232 ephemeral ports Linux gives
-/// one (source, destination) pair by default.
-const PER_SOURCE: usize = 20_000;
+/// Connections per loopback source address: well below the 28,232 ephemeral ports Linux
+/// gives one (source, destination) pair by default.
+const PER_SOURCE: usize = 10_000;
 /// Event streams being opened at once: more overflows the listen backlog (`somaxconn`, 4,096
 /// by default), and the kernel then drops connections the client thinks are open.
 const OPEN_CONCURRENCY: usize = 256;
@@ -36,12 +36,17 @@ fn admit(streams: usize) -> Vec<String> {
     ]
 }
 
+/// The next unused loopback source address (127.0.0.2, .3, …): a closed connection keeps
+/// its port in TIME_WAIT for a minute, so every set of subscribers gets addresses of its own.
+static NEXT_SOURCE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
+
 /// One reqwest client per loopback source address, enough for `n` connections.
 fn clients(n: usize) -> Vec<reqwest::Client> {
     (0..n.div_ceil(PER_SOURCE).max(1))
-        .map(|k| {
+        .map(|_| {
+            let host = NEXT_SOURCE.fetch_add(1, Ordering::Relaxed).max(2);
             reqwest::Client::builder()
-                .local_address(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + k as u8)))
+                .local_address(IpAddr::V4(Ipv4Addr::new(127, 0, 0, host)))
                 .pool_max_idle_per_host(0)
                 .build()
                 .expect("reqwest client")
