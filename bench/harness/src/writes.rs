@@ -7,6 +7,7 @@ use crate::gw::{Client, Gateway, Mode, delta, message};
 use crate::load::{Stats, closed_loop, count, ms, msf};
 use crate::reference::{Reference, changeset};
 use crate::results::{Plot, Section, Series, Table};
+use crate::support::PgSchema;
 use anyhow::{Result, ensure};
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -195,6 +196,20 @@ async fn sequential(
     Ok(out)
 }
 
+/// Lets PostgreSQL finish with a load before appends are timed: a checkpoint writes back what
+/// the load dirtied and `ANALYZE` refreshes the statistics, so the timed appends measure the
+/// thread's size, not the write-back of loading it (best effort: needs a superuser for the
+/// checkpoint).
+async fn settle(schemas: &[&PgSchema]) {
+    use sqlx::Connection;
+    for schema in schemas {
+        if let Ok(mut conn) = sqlx::PgConnection::connect(&schema.url()).await {
+            let _ = sqlx::query("ANALYZE threads, messages, patches, history").execute(&mut conn).await;
+            let _ = sqlx::query("CHECKPOINT").execute(&mut conn).await;
+        }
+    }
+}
+
 /// One growth point: direct and buffered append p50, and fold time per delta.
 struct Point {
     direct: Duration,
@@ -206,14 +221,14 @@ struct Point {
 /// `make` are timed, then (buffered) `f` more are folded by one timed flush.
 async fn point(
     ctx: &Ctx,
-    gws: (&Client, &Client),
+    gws: (&Client, &Client, &[&PgSchema]),
     id: &str,
     state: Option<&Value>,
     load: &[Value],
     make: &(dyn Fn(usize) -> Value + Sync),
 ) -> Result<Point> {
     let (k, f) = (ctx.pick(200, 20), ctx.pick(100, 10));
-    let (direct, buffered) = gws;
+    let (direct, buffered, _) = gws;
     let mut p50 = Vec::new();
     for c in [direct, buffered] {
         c.create(id, state).await?;
@@ -223,6 +238,7 @@ async fn point(
         if std::ptr::eq(c, buffered) {
             c.flush(id).await?;
         }
+        settle(gws.2).await;
         let mut s = sequential(c, id, k, make).await?;
         s.sort();
         p50.push(crate::load::pct(&s, 50.0));
@@ -249,7 +265,11 @@ pub async fn growth(ctx: &Ctx) -> Result<Section> {
     let sizes: Vec<usize> = ctx.pick(vec![1_000, 10_000, 100_000, 1_000_000], vec![1_000, 10_000]);
     let direct = Gateway::start(ctx, Mode::Direct, true, "", &[]).await?;
     let buffered = Gateway::start(ctx, Mode::Buffered, true, &ctx.unique("g"), &[]).await?;
-    let gws = (&direct.client, &buffered.client);
+    let schemas: Vec<&PgSchema> = [&direct, &buffered]
+        .iter()
+        .filter_map(|g| g.schema.as_ref())
+        .collect();
+    let gws = (&direct.client, &buffered.client, &schemas[..]);
     let mut by_len = Vec::new();
     for &len in &lengths {
         eprintln!("[bench]   thread of {len} messages");
@@ -346,7 +366,9 @@ pub async fn growth(ctx: &Ctx) -> Result<Section> {
                 "Each thread is loaded first (messages in deltas of {LOAD_CHUNK}; the state as \
                  the thread's base state), then {} sequential appends are timed (one ~100-character \
                  message each for length, one `set` patch each for state size), then {} more are \
-                 buffered and folded by one timed `POST /flush`. PostgreSQL store for both modes.",
+                 buffered and folded by one timed `POST /flush`. PostgreSQL store for both modes; \
+                 after each load the harness runs `ANALYZE` and `CHECKPOINT`, so the timed \
+                 appends do not pay for writing the load back.",
                 ctx.pick(200, 20),
                 ctx.pick(100, 10)
             ),
