@@ -41,9 +41,9 @@ enum Cmd {
     Run(ctx::RunArgs),
     /// Re-render the report from a results file, without measuring.
     Report {
-        /// The results of an earlier run.
+        /// The results of an earlier run (its `--json`).
         #[arg(long, default_value = "bench/results.json")]
-        json: PathBuf,
+        from: PathBuf,
         #[command(flatten)]
         out: ctx::OutArgs,
     },
@@ -62,9 +62,9 @@ fn main() -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     match args.cmd {
         Cmd::Run(run) => rt.block_on(ctx::run(run)),
-        Cmd::Report { json, out } => {
+        Cmd::Report { from, out } => {
             let results: results::Results = serde_json::from_slice(
-                &std::fs::read(&json).with_context(|| format!("reading {}", json.display()))?,
+                &std::fs::read(&from).with_context(|| format!("reading {}", from.display()))?,
             )?;
             out.write(&results)
         }

@@ -204,7 +204,9 @@ async fn settle(schemas: &[&PgSchema]) {
     use sqlx::Connection;
     for schema in schemas {
         if let Ok(mut conn) = sqlx::PgConnection::connect(&schema.url()).await {
-            let _ = sqlx::query("ANALYZE threads, messages, patches, history").execute(&mut conn).await;
+            let _ = sqlx::query("ANALYZE threads, messages, patches, history")
+                .execute(&mut conn)
+                .await;
             let _ = sqlx::query("CHECKPOINT").execute(&mut conn).await;
         }
     }
