@@ -337,7 +337,11 @@ impl Log {
             next,
             end,
             consumer: None,
-            singles_left: reader::SINGLE_READS,
+            singles_left: if end.saturating_sub(next) < reader::SINGLE_READ_RANGE {
+                reader::SINGLE_READ_RANGE as usize
+            } else {
+                reader::SINGLE_READS
+            },
             done: end == 0 || next > end,
         }
     }

@@ -12,6 +12,9 @@ use std::time::Duration;
 /// Messages a read fetches one by one (one request each) before it creates a consumer: most
 /// reads (the entries after a cached head, a short unfolded tail) end within these.
 pub(super) const SINGLE_READS: usize = 4;
+/// A read whose whole sequence range is at most this long fetches everything one by one:
+/// creating a consumer costs more than this many single requests.
+pub(super) const SINGLE_READ_RANGE: u64 = 16;
 /// Most bytes one page of a read holds (besides its count bound).
 pub(super) const PAGE_BYTES: usize = 8 << 20;
 /// How long one pull waits for messages that are not there (only when the log was trimmed
