@@ -36,6 +36,37 @@ pub async fn serve_query(pg: &str) -> Result<()> {
     serve(app).await
 }
 
+/// `POST /` inserts its body as one row, committed on its own (what any durable write costs
+/// at least: one round trip and a WAL flush), and answers the row's id.
+pub async fn serve_insert(pg: &str) -> Result<()> {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(QUERY_POOL)
+        .connect(pg)
+        .await
+        .with_context(|| format!("PostgreSQL at {pg}"))?;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS ceiling (id BIGSERIAL PRIMARY KEY, body TEXT NOT NULL)",
+    )
+    .execute(&pool)
+    .await?;
+    let app = Router::new().route(
+        "/",
+        axum::routing::post(move |body: String| {
+            let pool = pool.clone();
+            async move {
+                let id: i64 =
+                    sqlx::query_scalar("INSERT INTO ceiling (body) VALUES ($1) RETURNING id")
+                        .bind(body)
+                        .fetch_one(&pool)
+                        .await
+                        .unwrap_or(0);
+                id.to_string()
+            }
+        }),
+    );
+    serve(app).await
+}
+
 /// Listens on a free loopback port and says where on stdout (one line: `listening <addr>`).
 async fn serve(app: Router) -> Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

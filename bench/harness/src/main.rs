@@ -55,6 +55,13 @@ enum Cmd {
         #[arg(long)]
         pg: String,
     },
+    /// The durable-write ceiling: one single-row INSERT (its own committed transaction) per
+    /// request (run as a child process).
+    ServeInsert {
+        /// PostgreSQL to write to (a schema of its own: it creates a table there).
+        #[arg(long)]
+        pg: String,
+    },
 }
 
 fn main() -> Result<()> {
@@ -70,5 +77,6 @@ fn main() -> Result<()> {
         }
         Cmd::ServeHello => rt.block_on(ceiling::serve_hello()),
         Cmd::ServeQuery { pg } => rt.block_on(ceiling::serve_query(&pg)),
+        Cmd::ServeInsert { pg } => rt.block_on(ceiling::serve_insert(&pg)),
     }
 }

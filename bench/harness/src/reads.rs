@@ -50,6 +50,9 @@ pub async fn reads(ctx: &Ctx) -> Result<Section> {
     let conns = ctx.pick(64, 4);
     let hello = ceiling::Child::start(&["serve-hello"]).await?;
     let query = ceiling::Child::start(&["serve-query", "--pg", &ctx.pg]).await?;
+    let insert_schema = crate::support::PgSchema::create(&ctx.pg).await?;
+    let insert_url = insert_schema.url();
+    let insert = ceiling::Child::start(&["serve-insert", "--pg", &insert_url]).await?;
     let mem = Gateway::start(ctx, Mode::Direct, false, "", &[]).await?;
     let pg = Gateway::start(ctx, Mode::Direct, true, "", &[]).await?;
     let mem_tag = seed(&mem.client).await?;
@@ -62,6 +65,22 @@ pub async fn reads(ctx: &Ctx) -> Result<Section> {
     eprintln!("[bench]   ceilings");
     let hello_s = gets(ctx, &Client::new(&hello.base), "/", None).await?;
     let query_s = gets(ctx, &Client::new(&query.base), "/", None).await?;
+    let inserts = Client::new(&insert.base);
+    let insert_s = closed_loop(conns, ctx.warmup(), ctx.window(), move |_, i| {
+        let c = inserts.clone();
+        async move {
+            let body = delta("a", i, "AssistantTurnCommitted").to_string();
+            let res = c.http.post(&c.base).body(body).send().await?;
+            ensure!(
+                res.status() == 200,
+                "insert ceiling answered {}",
+                res.status()
+            );
+            res.bytes().await?;
+            Ok(())
+        }
+    })
+    .await?;
     eprintln!("[bench]   memory store");
     let mem_get = gets(ctx, &mem.client, thread, None).await?;
     let mem_304 = gets(ctx, &mem.client, thread, Some(mem_tag)).await?;
@@ -79,6 +98,8 @@ pub async fn reads(ctx: &Ctx) -> Result<Section> {
     .await?;
     mem.stop().await;
     pg.stop().await;
+    drop(insert);
+    insert_schema.drop().await;
 
     let row = |name: &str, s: &Stats, ceiling: Option<(&Stats, f64)>| {
         vec![
@@ -119,6 +140,16 @@ pub async fn reads(ctx: &Ctx) -> Result<Section> {
             &pg_append,
             Some((&query_s, 0.5)),
         ),
+        row(
+            "one committed single-row INSERT per request (same delta JSON as body)",
+            &insert_s,
+            None,
+        ),
+        row(
+            "PostgreSQL direct mode: POST delta, against the INSERT ceiling",
+            &pg_append,
+            Some((&insert_s, 0.5)),
+        ),
     ];
     Ok(Section {
         id: "reads".into(),
@@ -127,7 +158,9 @@ pub async fn reads(ctx: &Ctx) -> Result<Section> {
             "Closed loop from {conns} keep-alive connections for {:?} each, the client in the \
              harness process on the same cores as the server. Ceilings: an axum hello-world and \
              an axum route running `SELECT 1` on a 16-connection sqlx pool (the gateway's default \
-             pool size), each its own process. Ratios are requests/s against the ceiling.",
+             pool size), each its own process, and, for writes, an axum route that inserts its \
+             body as one row committed on its own (a durable write's least cost: one round trip \
+             and a WAL flush). Ratios are requests/s against the ceiling.",
             ctx.window()
         )],
         table: Table {

@@ -178,13 +178,13 @@ pub async fn recovery(ctx: &Ctx) -> Result<Section> {
             kept == expect,
             "threadgate recovery stored {kept} of {expect} messages ({fields})"
         );
-        rows.push(vec![
-            "threadgate buffered (PostgreSQL)".into(),
-            pending_label(pending, threads, per),
-            ms(listening),
-            ms(recovered),
-            format!("{} of {}", count(kept as f64), count(expect as f64)),
-        ]);
+        let label = pending_label(pending, threads, per);
+        rows.push(recovery_row(
+            "threadgate buffered (PostgreSQL)",
+            &label,
+            (listening, recovered),
+            (kept, expect),
+        ));
 
         // The reference: deltas appended, the writer dropped, a new writer's recover() timed.
         let _ = ctx.js.delete_stream(crate::reference::STREAM).await;
@@ -212,13 +212,12 @@ pub async fn recovery(ctx: &Ctx) -> Result<Section> {
             kept += reference.messages(&format!("t{t}")).await?;
         }
         reference.drop().await;
-        rows.push(vec![
-            "reference NatsBufferedThreadWriter".into(),
-            pending_label(pending, threads, per),
-            ms(ready),
-            ms(recovered),
-            format!("{} of {}", count(kept as f64), count(expect as f64)),
-        ]);
+        rows.push(recovery_row(
+            "reference NatsBufferedThreadWriter",
+            &label,
+            (ready, recovered),
+            (kept, expect),
+        ));
     }
     Ok(Section {
         id: "recovery".into(),
@@ -240,6 +239,23 @@ pub async fn recovery(ctx: &Ctx) -> Result<Section> {
         },
         plots: Vec::new(),
     })
+}
+
+/// A row of the recovery table: system, what was pending, (ready, recovered) times and
+/// (stored, expected) messages.
+fn recovery_row(
+    system: &str,
+    pending: &str,
+    (ready, recovered): (Duration, Duration),
+    (kept, expect): (usize, usize),
+) -> Vec<String> {
+    vec![
+        system.into(),
+        pending.into(),
+        ms(ready),
+        ms(recovered),
+        format!("{} of {}", count(kept as f64), count(expect as f64)),
+    ]
 }
 
 fn pending_label(pending: bool, threads: usize, per: usize) -> String {
