@@ -159,6 +159,14 @@ impl Changes {
         self.connected.load(Ordering::SeqCst)
     }
 
+    /// Up to `limit` of the threads watched right now.
+    pub fn followed(&self, limit: usize) -> Vec<ThreadId> {
+        self.watched
+            .lock()
+            .map(|w| w.keys().take(limit).cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Threads watched right now.
     pub fn watched(&self) -> usize {
         self.watched.lock().map(|w| w.len()).unwrap_or(0)

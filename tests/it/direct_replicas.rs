@@ -224,3 +224,81 @@ async fn buffered_mode_does_not_notify() {
     gw.stop().await;
     drop(schema);
 }
+
+/// Announcements are sent after the commit, so a replica that dies in between never sends
+/// them. A write made through a store that announces nothing (such a replica) still reaches a
+/// stream on a gateway, at that gateway's next heartbeat check of the threads it follows; and
+/// the write transactions themselves notify nothing (only the announcer's rounds do).
+#[tokio::test]
+async fn a_write_nobody_announced_reaches_streams_at_the_next_heartbeat() {
+    use threadgate::id::ThreadId;
+    use threadgate::store::{Expect, Store};
+
+    let schema = PgSchema::create().await;
+    let a = Gateway::start_config(config(&schema, "tg-hb"), None, None).await;
+    let id = "unannounced";
+    a.create(json!({"id": id})).await;
+    let mut on_a = stream(&a, id, 0).await;
+    assert_eq!(a.append(id, delta_msg("r", None, "m1")).await, 1);
+    assert_eq!(next_write(&mut on_a).await.id, Some(1));
+    // Let A's feed settle: what comes next can only come from an announcement or a check.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let silent = threadgate::store::PostgresStore::connect_with(
+        schema.options(),
+        &threadgate::store::PgOptions {
+            notify: false,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let pool = sqlx::PgPool::connect(&schema.url()).await.unwrap();
+    let channel: String = sqlx::query_scalar("SELECT 'threadgate_' || md5(current_schema())")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
+        .await
+        .unwrap();
+    listener.listen(&channel).await.unwrap();
+    let delta: threadgate::model::ChangeSet =
+        serde_json::from_value(delta_msg("r", None, "m2")).unwrap();
+    let tid = ThreadId::parse(id).unwrap();
+    let made = silent
+        .append(&tid, &delta, Expect::Any, None)
+        .await
+        .unwrap();
+    assert_eq!(made.version, 2);
+    // Notifications arrive in commit order: the write's own transaction sent none.
+    sqlx::query("SELECT pg_notify($1, 'marker')")
+        .bind(&channel)
+        .execute(&pool)
+        .await
+        .unwrap();
+    loop {
+        let n = tokio::time::timeout(WAIT, listener.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        match n.payload() {
+            "marker" => break,
+            "p" => continue, // A's listener heartbeat
+            other => panic!("the write transaction notified: {other}"),
+        }
+    }
+    drop(listener);
+    pool.close().await;
+    let heard = Instant::now();
+    let beat = threadgate::store::LISTENER_HEARTBEAT;
+    let e = on_a
+        .next(beat * 3)
+        .await
+        .expect("the write arrives at a heartbeat");
+    assert_eq!((e.event.as_str(), e.id), ("delta", Some(2)));
+    assert_eq!(e.data["delta"]["messages"][0]["content"], "m2");
+    eprintln!("unannounced write delivered after {:?}", heard.elapsed());
+    silent.close().await;
+    a.stop().await;
+    drop(schema);
+}
