@@ -14,7 +14,7 @@ pub mod record;
 
 pub use file::{FileStore, SET_ASIDE_DIR};
 pub use memory::MemoryStore;
-pub use postgres::{PgOptions, PostgresStore};
+pub use postgres::{LISTENER_HEARTBEAT, PgOptions, PostgresStore};
 
 use crate::id::ThreadId;
 use crate::model::{ChangeSet, DeltaError, Extra, Message, RunMeta, Thread};

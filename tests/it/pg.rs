@@ -268,3 +268,174 @@ async fn paged_snapshot_read_matches_the_one_statement_read() {
         Err(threadgate::store::StoreError::NotFound)
     ));
 }
+
+fn pg_delta(v: serde_json::Value) -> threadgate::model::ChangeSet {
+    serde_json::from_value(v).unwrap()
+}
+
+/// Appends after the first through one store are single statements (`heads.rs`); every way
+/// the remembered row can be wrong (another replica wrote, a message id is already stored, an
+/// idempotency key is known, a patch does not apply, the thread was deleted and created
+/// again) falls back to the locking append and gives the same answer it would have.
+#[tokio::test]
+async fn one_statement_appends_fall_back_whenever_the_remembered_row_is_stale() {
+    use serde_json::json;
+    use threadgate::id::ThreadId;
+    use threadgate::model::Thread;
+    use threadgate::store::{Expect, IdempotencyKey, Store, StoreError};
+
+    let (a, schema) = fresh_store().await;
+    let b = PostgresStore::connect_with(schema.options(), &Default::default())
+        .await
+        .unwrap();
+    let id = ThreadId::parse("cas").unwrap();
+    let thread = |state| -> Thread {
+        serde_json::from_value(json!({"id": "cas", "state": state, "messages": [], "patches": []}))
+            .unwrap()
+    };
+    a.create(&id, thread(json!({"n": 0}))).await.unwrap();
+    let step = |i: u64, mid: &str| {
+        pg_delta(json!({
+            "run_id": "r", "reason": "AssistantTurnCommitted",
+            "messages": [{"id": mid, "role": "assistant", "content": format!("step {i}")}],
+            "patches": [{"patch": {"ops": [{"op": "set", "path": ["n"], "value": i}]}}]
+        }))
+    };
+    for i in 1..=3 {
+        let done = a
+            .append(&id, &step(i, &format!("m{i}")), Expect::Any, None)
+            .await;
+        assert_eq!(done.unwrap().version, i);
+    }
+    assert_eq!(
+        a.one_statement_appends(),
+        2,
+        "the first append locks, then one statement"
+    );
+
+    // Another replica writes: A's remembered row is stale, A falls back (and learns it).
+    assert_eq!(
+        b.append(&id, &step(4, "m4"), Expect::Any, None)
+            .await
+            .unwrap()
+            .version,
+        4
+    );
+    assert_eq!(
+        a.append(&id, &step(5, "m5"), Expect::Any, None)
+            .await
+            .unwrap()
+            .version,
+        5
+    );
+    assert_eq!(a.one_statement_appends(), 2);
+    assert_eq!(
+        a.append(&id, &step(6, "m6"), Expect::Any, None)
+            .await
+            .unwrap()
+            .version,
+        6
+    );
+    assert_eq!(a.one_statement_appends(), 3);
+
+    // A message id already stored: skipped, as by the locking append.
+    assert_eq!(
+        a.append(&id, &step(7, "m2"), Expect::Any, None)
+            .await
+            .unwrap()
+            .version,
+        7
+    );
+    assert_eq!(a.one_statement_appends(), 3);
+    // A compare-and-set on a stale version is refused with the row's real version.
+    assert!(matches!(
+        a.append(&id, &step(8, "m8"), Expect::Exact(6), None).await,
+        Err(StoreError::VersionConflict {
+            expected: 6,
+            actual: 7
+        })
+    ));
+    assert_eq!(
+        a.append(&id, &step(8, "m8"), Expect::Exact(7), None)
+            .await
+            .unwrap()
+            .version,
+        8
+    );
+    assert_eq!(a.one_statement_appends(), 4);
+
+    // Idempotency keys: a new key in one statement, the same key again is a replay.
+    let key = IdempotencyKey {
+        key: "k".into(),
+        fingerprint: "f".into(),
+    };
+    let first = a
+        .append(&id, &step(9, "m9"), Expect::Any, Some(&key))
+        .await
+        .unwrap();
+    assert_eq!((first.version, first.replayed), (9, false));
+    assert_eq!(a.one_statement_appends(), 5);
+    let again = a
+        .append(&id, &step(9, "m9"), Expect::Any, Some(&key))
+        .await
+        .unwrap();
+    assert_eq!((again.version, again.replayed), (9, true));
+
+    // A patch that does not apply to the state is refused and changes nothing.
+    let bad = pg_delta(json!({
+        "run_id": "r", "reason": "AssistantTurnCommitted", "messages": [],
+        "patches": [{"patch": {"ops": [{"op": "append", "path": ["n"], "value": 1}]}}]
+    }));
+    assert!(matches!(
+        a.append(&id, &bad, Expect::Any, None).await,
+        Err(StoreError::InvalidDelta(_))
+    ));
+
+    let snap = a.get(&id).await.unwrap();
+    assert_eq!(snap.version, 9);
+    let ids: Vec<_> = snap
+        .thread
+        .messages
+        .iter()
+        .map(|m| m.id.clone().unwrap())
+        .collect();
+    assert_eq!(ids, ["m1", "m2", "m3", "m4", "m5", "m6", "m8", "m9"]);
+    assert_eq!(snap.thread.patches.len(), 9);
+    assert_eq!(a.state(&id).await.unwrap().state, json!({"n": 9}));
+    let history = a.history(&id, 0, 100).await.unwrap();
+    assert_eq!(history.entries.len(), 9);
+
+    // Deleted and created again (by the other replica) up to the same version: the
+    // remembered row has the old incarnation and must not be written over.
+    b.delete(&id, Expect::Any).await.unwrap();
+    b.create(&id, thread(json!({"n": "new"}))).await.unwrap();
+    for i in 1..=9 {
+        b.append(
+            &id,
+            &pg_delta(json!({"run_id": "r2", "reason": "AssistantTurnCommitted",
+            "messages": [{"role": "user", "content": format!("new {i}")}], "patches": []})),
+            Expect::Any,
+            None,
+        )
+        .await
+        .unwrap();
+    }
+    let messages_only = pg_delta(json!({"run_id": "r", "reason": "AssistantTurnCommitted",
+        "messages": [{"id": "m10", "role": "assistant", "content": "after"}], "patches": []}));
+    assert_eq!(
+        a.append(&id, &messages_only, Expect::Any, None)
+            .await
+            .unwrap()
+            .version,
+        10
+    );
+    assert_eq!(
+        a.one_statement_appends(),
+        5,
+        "the incarnation differs: locking append"
+    );
+    assert_eq!(a.state(&id).await.unwrap().state, json!({"n": "new"}));
+    assert_eq!(a.get(&id).await.unwrap().thread.messages.len(), 10);
+    b.close().await;
+    a.close().await;
+}

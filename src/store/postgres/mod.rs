@@ -30,6 +30,7 @@
 //!   closes its connection instead of returning it.
 
 mod codec;
+mod heads;
 mod notify;
 mod read;
 mod rows;
@@ -64,6 +65,10 @@ fn migrator() -> Migrator {
     m.set_ignore_missing(true);
     m
 }
+
+/// How often each process's listener checks its connection and the versions of the threads
+/// it follows (see `notify.rs`).
+pub const LISTENER_HEARTBEAT: Duration = notify::HEARTBEAT;
 
 /// `BEGIN` of a write transaction.
 const BEGIN_WRITE: &str = "BEGIN";
@@ -113,9 +118,16 @@ pub struct PostgresStore {
     connect: PgConnectOptions,
     /// The listener's announcements, started by the first [`Store::changes`] call.
     changes: Arc<std::sync::OnceLock<Arc<Changes>>>,
-    /// Ends the listener at [`Store::close`].
+    /// Ends the listener and the announcer at [`Store::close`].
     stop: CancellationToken,
     listener: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
+    /// Announces this process's commits to every replica (direct mode; see `notify.rs`).
+    announcer: Option<Arc<notify::Announcer>>,
+    announcing: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
+    /// The thread rows this process's appends left, for one-statement appends (`heads.rs`).
+    heads: Arc<heads::Heads>,
+    /// Appends that took one statement (see [`PostgresStore::one_statement_appends`]).
+    one_statement: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl PostgresStore {
@@ -138,12 +150,6 @@ impl PostgresStore {
             "statement_timeout",
             opts.statement_timeout.as_millis().to_string(),
         )]);
-        // Read by the triggers of migrations/0005_notify.sql.
-        let connect = if opts.notify {
-            connect
-        } else {
-            connect.options([("threadgate.notify", "off")])
-        };
         crate::app::retry_startup("PostgreSQL", opts.startup_timeout, || {
             Self::connect_with(connect.clone(), opts)
         })
@@ -152,6 +158,9 @@ impl PostgresStore {
 
     /// Connects with explicit options and applies pending migrations (no retry).
     pub async fn connect_with(connect: PgConnectOptions, opts: &PgOptions) -> anyhow::Result<Self> {
+        // Read by the triggers of migrations/0005_notify.sql: this version announces its
+        // commits itself, after they are made (see `notify.rs`).
+        let connect = connect.options([("threadgate.notify", "off")]);
         // Migrate on a connection of its own, closed afterwards: the migrator's advisory lock
         // is session-level, so a failed run must not hand a still-locked session to the pool.
         let mut conn = PgConnection::connect_with(&connect)
@@ -168,12 +177,21 @@ impl PostgresStore {
             .connect_with(connect.clone())
             .await
             .map_err(connect_error)?;
+        let stop = CancellationToken::new();
+        let announcer = opts.notify.then(|| Arc::new(notify::Announcer::default()));
+        let announcing = announcer
+            .clone()
+            .map(|a| tokio::spawn(a.run(pool.clone(), stop.clone())));
         Ok(PostgresStore {
             pool,
             connect,
             changes: Default::default(),
-            stop: CancellationToken::new(),
+            stop,
             listener: Default::default(),
+            announcer,
+            announcing: Arc::new(std::sync::Mutex::new(announcing)),
+            heads: Default::default(),
+            one_statement: Default::default(),
         })
     }
 }
@@ -214,8 +232,13 @@ fn connect_error(e: sqlx::Error) -> anyhow::Error {
 /// with `$begin`, in a task of its own (see the module docs): it completes even if the caller
 /// stops waiting. A macro, not a closure-taking function: a closure over a higher-ranked
 /// connection lifetime trips rustc's `Send` inference for sqlx futures.
+/// `then $after` runs `$after(&value)` in the same task once the transaction committed (to
+/// announce it: a caller that stops waiting cannot skip that).
 macro_rules! in_task {
-    ($store:expr, $begin:expr, |$conn:ident| $body:expr) => {{
+    ($store:expr, $begin:expr, |$conn:ident| $body:expr) => {
+        in_task!($store, $begin, |$conn| $body, then | _ | {})
+    };
+    ($store:expr, $begin:expr, |$conn:ident| $body:expr, then $after:expr) => {{
         let pool = $store.pool.clone();
         spawned(async move {
             let mut tx = Tx::begin(&pool, $begin).await?;
@@ -223,13 +246,33 @@ macro_rules! in_task {
                 let $conn: &mut PgConnection = &mut *tx.conn;
                 $body.await
             };
-            tx.end(result).await
+            let value = tx.end(result).await?;
+            #[allow(clippy::redundant_closure_call)]
+            ($after)(&value);
+            Ok(value)
         })
         .await
     }};
 }
 
 impl PostgresStore {
+    /// What announces a commit of `id` at a version (nothing in buffered mode).
+    fn announce_written(&self, id: &ThreadId) -> impl FnOnce(u64) + Send + 'static {
+        let (announcer, id) = (self.announcer.clone(), id.clone());
+        move |version| {
+            if let Some(a) = announcer {
+                a.written(&id, version);
+            }
+        }
+    }
+
+    /// How many appends through this store were made by one statement rather than by the
+    /// locking transaction (see `heads.rs`).
+    pub fn one_statement_appends(&self) -> u64 {
+        self.one_statement
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The snapshot of `id` read in several statements inside one `REPEATABLE READ READ ONLY`
     /// transaction: what [`Store::get`] falls back to when a thread is too large for its
     /// one-statement read (PostgreSQL caps a value and a row at 1 GB). Public so that the
@@ -342,32 +385,45 @@ impl Store for PostgresStore {
 
     async fn replace(&self, id: &ThreadId, mut thread: Thread, expect: Expect) -> Result<u64> {
         let current = super::prepare_thread(id, &mut thread)?;
+        self.heads.forget(id);
+        let announce = self.announce_written(id);
         let id = id.clone();
-        in_task!(self, BEGIN_WRITE, |c| write::replace(
-            c,
-            id,
-            thread,
-            current,
-            expect,
-            now_ms()
-        ))
+        in_task!(
+            self,
+            BEGIN_WRITE,
+            |c| write::replace(c, id, thread, current, expect, now_ms()),
+            then |v: &u64| announce(*v)
+        )
     }
 
     async fn patch_metadata(&self, id: &ThreadId, mut patch: Extra, expect: Expect) -> Result<u64> {
         super::strip_server_metadata(&mut patch);
+        self.heads.forget(id);
+        let announce = self.announce_written(id);
         let id = id.clone();
-        in_task!(self, BEGIN_WRITE, |c| write::patch_metadata(
-            c,
-            id,
-            patch,
-            expect,
-            now_ms()
-        ))
+        in_task!(
+            self,
+            BEGIN_WRITE,
+            |c| write::patch_metadata(c, id, patch, expect, now_ms()),
+            then |v: &u64| announce(*v)
+        )
     }
 
     async fn delete(&self, id: &ThreadId, expect: Expect) -> Result<()> {
+        self.heads.forget(id);
+        let (announcer, one) = (self.announcer.clone(), id.clone());
         let id = id.clone();
-        in_task!(self, BEGIN_WRITE, |c| write::delete(c, id, expect))
+        in_task!(
+            self,
+            BEGIN_WRITE,
+            |c| write::delete(c, id, expect),
+            then |v: &u64| {
+                if let Some(a) = announcer {
+                    a.deleted(&one, *v);
+                }
+            }
+        )
+        .map(|_| ())
     }
 
     async fn append(
@@ -377,15 +433,47 @@ impl Store for PostgresStore {
         expect: Expect,
         idempotency: Option<&IdempotencyKey>,
     ) -> Result<Appended> {
-        let (id, delta, key) = (id.clone(), delta.clone(), idempotency.cloned());
-        in_task!(self, BEGIN_WRITE, |c| write::append(
-            c,
-            id,
-            delta,
-            expect,
-            key,
-            now_ms()
-        ))
+        if let Some(head) = self.heads.get(id) {
+            let (pool, one, delta, key) = (
+                self.pool.clone(),
+                id.clone(),
+                delta.clone(),
+                idempotency.cloned(),
+            );
+            let announce = self.announce_written(id);
+            let done = spawned(async move {
+                let done = heads::append(&pool, &one, &head, delta, expect, key.as_ref(), now_ms())
+                    .await?;
+                if let Some((appended, _)) = &done {
+                    announce(appended.version);
+                }
+                Ok(done)
+            })
+            .await?;
+            if let Some((appended, head)) = done {
+                self.heads.put(id, head);
+                self.one_statement
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Ok(appended);
+            }
+        }
+        let announce = self.announce_written(id);
+        let (one, delta, key) = (id.clone(), delta.clone(), idempotency.cloned());
+        let (appended, head) = in_task!(
+            self,
+            BEGIN_WRITE,
+            |c| write::append(c, one, delta, expect, key, now_ms()),
+            then |(a, _): &(Appended, Option<rows::Head>)| {
+                if !a.replayed {
+                    announce(a.version)
+                }
+            }
+        )?;
+        match head {
+            Some(head) => self.heads.put(id, head.into()),
+            None => self.heads.forget(id),
+        }
+        Ok(appended)
     }
 
     async fn idempotent(&self, id: &ThreadId, key: &IdempotencyKey) -> Result<Option<Appended>> {
@@ -398,13 +486,15 @@ impl Store for PostgresStore {
     }
 
     async fn apply_batch(&self, id: &ThreadId, entries: &[Write]) -> Result<u64> {
+        self.heads.forget(id);
+        let announce = self.announce_written(id);
         let (id, entries) = (id.clone(), entries.to_vec());
-        in_task!(self, BEGIN_WRITE, |c| write::apply_batch(
-            c,
-            id,
-            entries,
-            now_ms()
-        ))
+        in_task!(
+            self,
+            BEGIN_WRITE,
+            |c| write::apply_batch(c, id, entries, now_ms()),
+            then |v: &u64| announce(*v)
+        )
     }
 
     async fn messages(&self, id: &ThreadId, q: &MessageQuery) -> Result<MessagePage> {
@@ -456,9 +546,11 @@ impl Store for PostgresStore {
 
     async fn close(&self) {
         self.stop.cancel();
-        let task = self.listener.lock().ok().and_then(|mut t| t.take());
-        if let Some(task) = task {
-            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        for slot in [&self.listener, &self.announcing] {
+            let task = slot.lock().ok().and_then(|mut t| t.take());
+            if let Some(task) = task {
+                let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+            }
         }
         self.pool.close().await;
     }

@@ -11,11 +11,13 @@
 
 use super::codec::{KeyRow, db_err, enc, enc_opt, from_json, i, to_json, u};
 use crate::model::{ChangeSet, Extra, Message, RunMeta, Thread, TrackedPatch, Visibility};
+use crate::store::Incarnation;
 use crate::store::{
     Appended, Change, HISTORY_LIMIT, IDEMPOTENCY_KEYS_KEPT, IdempotencyKey, Result, StoreError,
 };
 use serde_json::Value;
-use sqlx::PgConnection;
+use sqlx::postgres::PgArguments;
+use sqlx::{PgConnection, Postgres, Row};
 use std::collections::{HashMap, HashSet};
 
 /// The locked thread row, as far as a delta needs it.
@@ -27,6 +29,9 @@ pub(super) struct Head {
     pub patch_count: i64,
     /// The new base state, when a snapshot delta replaced it.
     pub new_base_state: Option<Value>,
+    pub incarnation: Incarnation,
+    /// Length of the current state's JSON text as read (what caching it costs, roughly).
+    pub state_len: usize,
 }
 
 #[derive(sqlx::FromRow)]
@@ -36,12 +41,13 @@ struct HeadRow {
     current_state: String,
     message_count: i64,
     patch_count: i64,
+    incarnation: i64,
 }
 
 /// Locks the thread row for the rest of the transaction; `NotFound` when there is none.
 pub(super) async fn lock_head(conn: &mut PgConnection, id: &str) -> Result<Head> {
     let row: Option<HeadRow> = sqlx::query_as(
-        "SELECT version, watermark, current_state, message_count, patch_count \
+        "SELECT version, watermark, current_state, message_count, patch_count, incarnation \
          FROM threads WHERE id = $1 FOR UPDATE",
     )
     .bind(id)
@@ -56,6 +62,8 @@ pub(super) async fn lock_head(conn: &mut PgConnection, id: &str) -> Result<Head>
         message_count: row.message_count,
         patch_count: row.patch_count,
         new_base_state: None,
+        incarnation: super::codec::inc(row.incarnation),
+        state_len: row.current_state.len(),
     })
 }
 
@@ -229,48 +237,15 @@ impl Rows {
         id: &str,
         head: Option<(&Head, u64)>,
     ) -> Result<()> {
-        let keep = HISTORY_LIMIT as i64;
-        let (drop_above, drop_upto, hist_from) =
-            match (self.hist_version.first(), self.hist_version.last()) {
-                (Some(&first), Some(&last)) => (
-                    first - 1 - keep,
-                    last - keep,
-                    (self.hist_version.len() as i64 - keep).max(0) as usize,
-                ),
-                _ => (0, 0, 0),
-            };
-        let rows = std::mem::take(self);
-        self.now = rows.now;
-        let mut runs = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for r in rows.runs {
-            runs.0.push(r.run_id);
-            runs.1.push(r.parent);
-            runs.2.push(r.meta);
-            runs.3.push(r.version);
-        }
+        let now = self.now;
+        let cols = std::mem::take(self).into_columns();
+        self.now = now;
         let sql = if head.is_some() {
             WRITE_ROWS_AND_HEAD
         } else {
             WRITE_ROWS
         };
-        let mut q = sqlx::query(sql)
-            .bind(id)
-            .bind(&rows.msg_cursor)
-            .bind(&rows.msg_id)
-            .bind(&rows.msg_run)
-            .bind(&rows.msg_internal)
-            .bind(&rows.msg_body)
-            .bind(&rows.patch_seq)
-            .bind(&rows.patch_body)
-            .bind(rows.now)
-            .bind(&runs.0)
-            .bind(&runs.1)
-            .bind(&runs.2)
-            .bind(&runs.3)
-            .bind(&rows.hist_version[hist_from..])
-            .bind(&rows.hist_change[hist_from..])
-            .bind(drop_above)
-            .bind(drop_upto);
+        let mut q = cols.bind(sqlx::query(sql), id);
         if let Some((head, version)) = head {
             q = q
                 .bind(i(version)?)
@@ -282,29 +257,166 @@ impl Rows {
         q.execute(&mut *conn).await.map_err(db_err)?;
         Ok(())
     }
+
+    /// Writes one delta's rows and the thread row in one autocommitted statement, but only
+    /// if the thread row is still `cas` says (same version and incarnation), none of the
+    /// delta's message ids is stored yet and its idempotency key (if any) is unknown; true
+    /// when it wrote. See [`CAS_APPEND`] for why one statement is safe.
+    pub(super) async fn write_if_head(
+        self,
+        conn: &mut PgConnection,
+        id: &str,
+        cas: &Cas<'_>,
+    ) -> Result<bool> {
+        let cols = self.into_columns();
+        let (key, fingerprint) = match cas.key {
+            Some(k) => (Some(enc(&k.key)), Some(k.fingerprint.as_str())),
+            None => (None, None),
+        };
+        let row = cols
+            .bind(sqlx::query(CAS_APPEND), id)
+            .bind(i(cas.version)?)
+            .bind(cas.current_state)
+            .bind(cas.message_count)
+            .bind(cas.patch_count)
+            .bind(super::codec::inc_col(cas.incarnation))
+            .bind(key)
+            .bind(fingerprint)
+            .bind(IDEMPOTENCY_KEYS_KEPT as i64 - 1)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(db_err)?;
+        let wrote: i64 = row.try_get(0).map_err(db_err)?;
+        Ok(wrote == 1)
+    }
+
+    /// The collected rows as the statements' array parameters.
+    fn into_columns(self) -> Columns {
+        let keep = HISTORY_LIMIT as i64;
+        let (drop_above, drop_upto, hist_from) =
+            match (self.hist_version.first(), self.hist_version.last()) {
+                (Some(&first), Some(&last)) => (
+                    first - 1 - keep,
+                    last - keep,
+                    (self.hist_version.len() as i64 - keep).max(0) as usize,
+                ),
+                _ => (0, 0, 0),
+            };
+        let mut runs = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for r in self.runs {
+            runs.0.push(r.run_id);
+            runs.1.push(r.parent);
+            runs.2.push(r.meta);
+            runs.3.push(r.version);
+        }
+        let mut hist_version = self.hist_version;
+        let mut hist_change = self.hist_change;
+        hist_version.drain(..hist_from);
+        hist_change.drain(..hist_from);
+        Columns {
+            msg_cursor: self.msg_cursor,
+            msg_id: self.msg_id,
+            msg_run: self.msg_run,
+            msg_internal: self.msg_internal,
+            msg_body: self.msg_body,
+            patch_seq: self.patch_seq,
+            patch_body: self.patch_body,
+            now: self.now,
+            runs,
+            hist_version,
+            hist_change,
+            drop_above,
+            drop_upto,
+        }
+    }
+}
+
+/// What [`Rows::write_if_head`] expects of the thread row, and what it writes into it.
+pub(super) struct Cas<'a> {
+    /// The version the write makes (the row must be at the one before).
+    pub version: u64,
+    pub incarnation: Incarnation,
+    /// The new current state as JSON text, or `None` to leave it as it is.
+    pub current_state: Option<&'a str>,
+    pub message_count: i64,
+    pub patch_count: i64,
+    pub key: Option<&'a IdempotencyKey>,
+}
+
+/// [`Rows`] as the parameters $1–$17 of the statements below.
+struct Columns {
+    msg_cursor: Vec<i64>,
+    msg_id: Vec<Option<String>>,
+    msg_run: Vec<Option<String>>,
+    msg_internal: Vec<bool>,
+    msg_body: Vec<String>,
+    patch_seq: Vec<i64>,
+    patch_body: Vec<String>,
+    now: i64,
+    runs: (Vec<String>, Vec<Option<String>>, Vec<String>, Vec<i64>),
+    hist_version: Vec<i64>,
+    hist_change: Vec<String>,
+    drop_above: i64,
+    drop_upto: i64,
+}
+
+impl Columns {
+    /// Binds $1 (the thread) to $17 onto `q`.
+    fn bind<'q>(
+        &'q self,
+        q: sqlx::query::Query<'q, Postgres, PgArguments>,
+        id: &'q str,
+    ) -> sqlx::query::Query<'q, Postgres, PgArguments> {
+        q.bind(id)
+            .bind(&self.msg_cursor)
+            .bind(&self.msg_id)
+            .bind(&self.msg_run)
+            .bind(&self.msg_internal)
+            .bind(&self.msg_body)
+            .bind(&self.patch_seq)
+            .bind(&self.patch_body)
+            .bind(self.now)
+            .bind(&self.runs.0)
+            .bind(&self.runs.1)
+            .bind(&self.runs.2)
+            .bind(&self.runs.3)
+            .bind(&self.hist_version)
+            .bind(&self.hist_change)
+            .bind(self.drop_above)
+            .bind(self.drop_upto)
+    }
 }
 
 /// The rows of [`Rows`] as data-modifying CTEs over `UNNEST` arrays ($1 thread, $2–$6
-/// messages, $7–$8 patches, $9 now, $10–$13 runs, $14–$15 history).
+/// messages, $7–$8 patches, $9 now, $10–$13 runs, $14–$15 history); `$gate` is joined to
+/// every insert (`""`, or `"t, "` to insert only if the CTE `t` returned a row).
 macro_rules! rows_ctes {
-    () => {
-        "WITH m AS (INSERT INTO messages (thread_id, cursor, msg_id, run_id, internal, body) \
-           SELECT $1, c, m, r, i, b \
-           FROM UNNEST($2::bigint[], $3::text[], $4::text[], $5::bool[], $6::text[]) \
-                AS u(c, m, r, i, b)), \
-         p AS (INSERT INTO patches (thread_id, seq, body) \
-           SELECT $1, s, b FROM UNNEST($7::bigint[], $8::text[]) AS u(s, b)), \
-         r AS (INSERT INTO runs \
-             (thread_id, run_id, parent_run_id, meta, version, created_at, updated_at) \
-           SELECT $1, ri, rp, rm, rv, $9, $9 \
-           FROM UNNEST($10::text[], $11::text[], $12::text[], $13::bigint[]) \
-                AS u(ri, rp, rm, rv) \
-           ON CONFLICT (thread_id, run_id) DO UPDATE SET \
-             parent_run_id = COALESCE(EXCLUDED.parent_run_id, runs.parent_run_id), \
-             meta = EXCLUDED.meta, version = EXCLUDED.version, \
-             updated_at = EXCLUDED.updated_at), \
-         h AS (INSERT INTO history (thread_id, version, at, change) \
-           SELECT $1, v, $9, c FROM UNNEST($14::bigint[], $15::text[]) AS u(v, c))"
+    ($gate:literal) => {
+        concat!(
+            "m AS (INSERT INTO messages (thread_id, cursor, msg_id, run_id, internal, body) \
+               SELECT $1, c, m, r, i, b FROM ",
+            $gate,
+            "UNNEST($2::bigint[], $3::text[], $4::text[], $5::bool[], $6::text[]) \
+                    AS u(c, m, r, i, b)), \
+             p AS (INSERT INTO patches (thread_id, seq, body) \
+               SELECT $1, s, b FROM ",
+            $gate,
+            "UNNEST($7::bigint[], $8::text[]) AS u(s, b)), \
+             r AS (INSERT INTO runs \
+                 (thread_id, run_id, parent_run_id, meta, version, created_at, updated_at) \
+               SELECT $1, ri, rp, rm, rv, $9, $9 FROM ",
+            $gate,
+            "UNNEST($10::text[], $11::text[], $12::text[], $13::bigint[]) \
+                    AS u(ri, rp, rm, rv) \
+               ON CONFLICT (thread_id, run_id) DO UPDATE SET \
+                 parent_run_id = COALESCE(EXCLUDED.parent_run_id, runs.parent_run_id), \
+                 meta = EXCLUDED.meta, version = EXCLUDED.version, \
+                 updated_at = EXCLUDED.updated_at), \
+             h AS (INSERT INTO history (thread_id, version, at, change) \
+               SELECT $1, v, $9, c FROM ",
+            $gate,
+            "UNNEST($14::bigint[], $15::text[]) AS u(v, c))"
+        )
     };
 }
 
@@ -316,16 +428,49 @@ macro_rules! trim_history {
 }
 
 /// [`Rows::write`]'s statement.
-const WRITE_ROWS: &str = concat!(rows_ctes!(), trim_history!());
+const WRITE_ROWS: &str = concat!("WITH ", rows_ctes!(""), trim_history!());
 
 /// [`Rows::write_with_head`]'s statement: also the thread row ($18 version, $19 new base
 /// state or NULL, $20 current state, $21 message count, $22 patch count).
 const WRITE_ROWS_AND_HEAD: &str = concat!(
-    rows_ctes!(),
+    "WITH ",
+    rows_ctes!(""),
     ", t AS (UPDATE threads SET version = $18, watermark = $18, state = COALESCE($19, state), \
        current_state = $20, message_count = $21, patch_count = $22, updated_at = $9 \
        WHERE id = $1)",
     trim_history!()
+);
+
+/// [`Rows::write_if_head`]'s statement, autocommitted on its own: the thread row moves to
+/// version $18 only if it is at $18 − 1 in incarnation $22, no message id of the delta ($3)
+/// is stored and the idempotency key $23 (or NULL) is unknown; every insert and delete joins
+/// that update's result, so nothing is written unless it happened. ($19 current state or
+/// NULL to keep it, $20–$21 counts, $24 the key's fingerprint, $25 keys kept − 1.)
+///
+/// Why the checks hold without a `SELECT ... FOR UPDATE` first: every write to a thread
+/// moves its version, in the same transaction as its rows. If another write commits after
+/// this statement's snapshot, the `UPDATE` waits for its row lock, re-checks its `WHERE`
+/// against the newer row (READ COMMITTED), finds another version and writes nothing. If
+/// none did, the snapshot the `NOT EXISTS` probes read is the thread as of version $18 − 1,
+/// which is what the caller validated the delta against.
+const CAS_APPEND: &str = concat!(
+    "WITH t AS (UPDATE threads SET version = $18, watermark = $18, \
+       current_state = COALESCE($19, current_state), message_count = $20, patch_count = $21, \
+       updated_at = $9 \
+     WHERE id = $1 AND version = $18 - 1 AND incarnation = $22 \
+       AND NOT EXISTS (SELECT 1 FROM unnest($3::text[]) AS w(id) WHERE EXISTS \
+         (SELECT 1 FROM messages x WHERE x.thread_id = $1 AND x.msg_id = w.id)) \
+       AND NOT EXISTS (SELECT 1 FROM idempotency k WHERE k.thread_id = $1 AND k.key = $23) \
+     RETURNING 1 AS one), ",
+    rows_ctes!("t, "),
+    ", k AS (INSERT INTO idempotency (thread_id, key, fingerprint, version) \
+       SELECT $1, $23, $24, $18 FROM t WHERE $23::text IS NOT NULL), \
+     kt AS (DELETE FROM idempotency USING t WHERE $23::text IS NOT NULL \
+       AND thread_id = $1 AND version <= (SELECT version FROM idempotency \
+         WHERE thread_id = $1 ORDER BY version DESC OFFSET $25 LIMIT 1)), \
+     ht AS (DELETE FROM history USING t \
+       WHERE thread_id = $1 AND version > $16 AND version <= $17) \
+     SELECT count(*) FROM t"
 );
 
 /// Records a write in the history and drops what falls out of the kept window.
@@ -413,6 +558,19 @@ pub(super) async fn apply_delta_rows(
             head.new_base_state = Some(snapshot.clone());
         }
     }
+    add_delta_rows(head, existing, rows, delta, plan, version)
+}
+
+/// The part of [`apply_delta_rows`] after validation and the patch `DELETE`: collects the
+/// delta's rows as `plan` says and moves `head` on (the new current state included).
+pub(super) fn add_delta_rows(
+    head: &mut Head,
+    existing: &mut HashSet<String>,
+    rows: &mut Rows,
+    delta: ChangeSet,
+    plan: crate::model::DeltaPlan,
+    version: u64,
+) -> Result<()> {
     for &n in &plan.new_messages {
         let m = &delta.messages[n];
         if let Some(mid) = &m.id {

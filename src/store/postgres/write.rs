@@ -4,7 +4,7 @@
 
 use super::codec::{db_err, enc, enc_opt, from_json, i, inc_col, to_json, u};
 use super::rows::{
-    Rows, apply_delta_rows, existing_ids, insert_thread_rows, load_metadata, lock_head,
+    Head, Rows, apply_delta_rows, existing_ids, insert_thread_rows, load_metadata, lock_head,
     lock_version, record_history, remember_keys, remembered, replace_thread_rows, trim_keys,
 };
 use crate::id::ThreadId;
@@ -133,18 +133,20 @@ pub async fn patch_metadata(
     Ok(version)
 }
 
-/// [`crate::store::Store::delete`]: every child row goes with the thread (cascade).
-pub async fn delete(conn: &mut PgConnection, id: ThreadId, expect: Expect) -> Result<()> {
-    expect.check(lock_version(conn, id.as_str()).await?)?;
+/// [`crate::store::Store::delete`]: every child row goes with the thread (cascade). Returns
+/// the version it had.
+pub async fn delete(conn: &mut PgConnection, id: ThreadId, expect: Expect) -> Result<u64> {
+    let version = lock_version(conn, id.as_str()).await?;
+    expect.check(version)?;
     sqlx::query("DELETE FROM threads WHERE id = $1")
         .bind(id.as_str())
         .execute(&mut *conn)
         .await
         .map_err(db_err)?;
-    Ok(())
+    Ok(version)
 }
 
-/// [`crate::store::Store::append`].
+/// [`crate::store::Store::append`], and the thread row it left (none for a replay).
 pub async fn append(
     conn: &mut PgConnection,
     id: ThreadId,
@@ -152,13 +154,13 @@ pub async fn append(
     expect: Expect,
     idempotency: Option<IdempotencyKey>,
     now: i64,
-) -> Result<Appended> {
+) -> Result<(Appended, Option<Head>)> {
     let tid = id.as_str();
     let mut head = lock_head(conn, tid).await?;
     if let Some(key) = &idempotency
         && let Some(replay) = remembered(conn, tid, key).await?
     {
-        return Ok(replay);
+        return Ok((replay, None));
     }
     expect.check(head.version)?;
     let version = head.version + 1;
@@ -188,10 +190,15 @@ pub async fn append(
         trim_keys(conn, tid).await?;
     }
     rows.write_with_head(conn, tid, &head, version).await?;
-    Ok(Appended {
-        version,
-        replayed: false,
-    })
+    head.version = version;
+    head.watermark = version;
+    Ok((
+        Appended {
+            version,
+            replayed: false,
+        },
+        Some(head),
+    ))
 }
 
 /// [`crate::store::Store::apply_batch`].
