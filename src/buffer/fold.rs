@@ -84,7 +84,10 @@ impl Buffered {
         // The first entry to keep: a recent one (for retries), as (seq, when it was written).
         let mut keep_from = kept.map(|(seq, trim_at)| (seq, trim_at - keep));
         let mut reader = self.log.reader_to(id, Some(start), last.seq);
-        while let Some(page) = reader.next_page(super::PAGE).await? {
+        // The next page is read while the store applies this one: a long fold costs about
+        // the larger of reading and applying, not their sum.
+        let mut next = reader.next_page(super::PAGE).await?;
+        while let Some(page) = next.take() {
             first_seq.get_or_insert(page[0].seq);
             if keep_from.is_none() {
                 keep_from = page
@@ -101,11 +104,13 @@ impl Buffered {
                 .filter_map(LogEntry::into_write)
                 .collect();
             if entries.is_empty() {
+                next = reader.next_page(super::PAGE).await?;
                 continue;
             }
             let count = entries.len() as u64;
             let applying = tokio::time::timeout(STEP_TIMEOUT, self.store.apply_batch(id, &entries));
-            let Ok(applied_page) = applying.await else {
+            let (applied_page, read) = tokio::join!(applying, reader.next_page(super::PAGE));
+            let Ok(applied_page) = applied_page else {
                 return Err(StoreError::Unavailable(format!(
                     "a fold page of thread {id} took longer than {STEP_TIMEOUT:?}"
                 ))
@@ -129,6 +134,7 @@ impl Buffered {
                 Err(e) => return Err(e.into()),
             };
             applied += count;
+            next = read?;
         }
         // Trim what is folded (everything read up to `last`), keeping recent entries.
         let before = keep_from.map_or(last.seq + 1, |(seq, _)| seq);
@@ -137,8 +143,13 @@ impl Buffered {
         if first_seq.is_some_and(|first| first < before) {
             self.log.purge(id, Some(before)).await?;
         }
-        self.marks
-            .folded(id, last.seq, keep_from.map(|(seq, at)| (seq, at + keep)));
+        // What it kept is due for trimming when the newest entry leaves the window: then all
+        // of it can go with one purge and no read (see `Buffered::trim_folded`).
+        self.marks.folded(
+            id,
+            last.seq,
+            keep_from.map(|(seq, _)| (seq, last.at.max(now - keep) + keep)),
+        );
         Ok(FoldReport { version, applied })
     }
 

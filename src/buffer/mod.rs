@@ -81,6 +81,8 @@ pub struct Counters {
     pub folded_entries: Counter,
     /// Folds that failed (retried later).
     pub fold_failures: Counter,
+    /// Threads whose kept entries were trimmed without a fold (see `sweep.rs`).
+    pub trims: Counter,
     /// Appends retried after losing a compare-and-set.
     pub cas_retries: Counter,
     /// How long completed folds took.
@@ -98,6 +100,7 @@ impl Default for Counters {
             folds: Counter::default(),
             folded_entries: Counter::default(),
             fold_failures: Counter::default(),
+            trims: Counter::default(),
             cas_retries: Counter::default(),
             // 1 ms to about 65 s.
             fold_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
@@ -230,6 +233,11 @@ impl Buffered {
                 "threadgate_fold_failures",
                 "Folds that failed and will be retried",
                 &c.fold_failures,
+            ),
+            (
+                "threadgate_log_trims",
+                "Folded threads whose kept entries were trimmed (one purge, no fold)",
+                &c.trims,
             ),
             (
                 "threadgate_cas_retries",

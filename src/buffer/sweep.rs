@@ -54,8 +54,8 @@ const MARKS_BYTES: u64 = 16 << 20;
 struct Mark {
     /// The last log sequence the fold covered.
     seq: u64,
-    /// When (Unix ms) the first entry kept for retries leaves the keep window, so that a fold
-    /// would trim; `None` when the fold kept nothing.
+    /// When (Unix ms) the newest entry the fold kept for retries (the one at `seq`) leaves
+    /// the keep window, so that every kept entry can be trimmed; `None` when it kept nothing.
     trim_at: Option<i64>,
     /// The log sequence of that first kept entry (`None` when the fold kept nothing).
     keep_seq: Option<u64>,
@@ -135,6 +135,24 @@ impl Marks {
 }
 
 impl Buffered {
+    /// Trims a thread this process folded up to log sequence `seq` once everything it kept is
+    /// out of the keep window: one purge below `seq + 1`, nothing read (every entry there is
+    /// folded). Does nothing when a fold moved the mark since the caller looked.
+    async fn trim_folded(&self, id: &ThreadId, seq: u64) -> crate::write::Result<()> {
+        let lock = self.fold_locks.get(id);
+        let _guard = lock.lock().await;
+        let due = self
+            .marks
+            .get(id)
+            .is_some_and(|m| m.seq == seq && m.trim_at.is_some_and(|t| now_ms() >= t));
+        if due {
+            self.log.purge(id, Some(seq + 1)).await?;
+            self.marks.folded(id, seq, None);
+            self.counters.trims.inc();
+        }
+        Ok(())
+    }
+
     /// Folds threads whose newest entry is older than the idle age, until cancelled;
     /// failures back off per thread, doubling up to [`MAX_FOLD_BACKOFF`].
     pub(super) async fn sweep(self: Arc<Self>, shutdown: CancellationToken) {
@@ -199,9 +217,15 @@ impl Buffered {
                     }
                     trim_only = true;
                 }
-                if let Ok(Some(last)) = &last
-                    && !trim_only
-                {
+                if trim_only && let Some(m) = mark {
+                    // Everything up to the mark is folded and out of the window: one purge.
+                    if let Err(e) = self.trim_folded(id, m.seq).await {
+                        tracing::debug!(thread = %id, error = %e, "trim failed; retried next pass");
+                        waiting = true;
+                    }
+                    continue;
+                }
+                if let Ok(Some(last)) = &last {
                     pending.observe(&self, id, last).await;
                 }
                 if backoff

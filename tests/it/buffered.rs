@@ -412,21 +412,32 @@ async fn idle_threads_are_folded() {
 
 /// Completed folds so far, from `/metrics`.
 async fn folds(gw: &Gateway) -> u64 {
+    metric(gw, "threadgate_folds_total").await
+}
+
+/// A counter from `/metrics`.
+async fn metric(gw: &Gateway, name: &str) -> u64 {
     let text = gw.get("/metrics").await.text().await.unwrap();
+    let prefix = format!("{name} ");
     text.lines()
-        .find_map(|l| l.strip_prefix("threadgate_folds_total "))
-        .expect("threadgate_folds_total in /metrics")
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .unwrap_or_else(|| panic!("{name} in /metrics"))
         .trim()
         .parse()
         .unwrap()
 }
 
 /// Idle threads cost no folds: a folded thread whose entries are kept for retries is not
-/// folded again at every sweep, only once when its kept entries leave the window (which
-/// empties its subject); a later append to it is still folded by the sweeper.
+/// folded again at every sweep; once its kept entries leave the window they are trimmed by
+/// one purge, without a fold (which empties its subject); a later append to it is still
+/// folded by the sweeper.
 #[tokio::test]
 async fn folded_idle_threads_are_not_folded_again() {
-    let gw = Gateway::start_buffered(Backend::Memory, &nats_url(), |c| {
+    let prefix = crate::harness::nats_prefix();
+    let p = prefix.clone();
+    let gw = Gateway::start_with(Backend::Memory, move |c| {
+        c.nats_url = Some(nats_url());
+        c.nats_prefix = p;
         c.fold_idle = Duration::from_millis(200);
         c.keep_folded = Duration::from_secs(3);
     })
@@ -445,20 +456,31 @@ async fn folded_idle_threads_are_not_folded_again() {
         after_flush,
         "no fold of a thread with nothing new while its entries are kept"
     );
-    // Once the kept entries leave the window: one trimming fold each, then nothing.
+    assert_eq!(metric(&gw, "threadgate_log_trims_total").await, 0);
+    // Once the kept entries leave the window: one trim each and no fold, then nothing.
     tokio::time::sleep(Duration::from_millis(2_500)).await;
-    let trimmed = folds(&gw).await;
     assert_eq!(
-        trimmed,
-        after_flush + ids.len() as u64,
+        metric(&gw, "threadgate_log_trims_total").await,
+        ids.len() as u64,
         "one trim per thread"
     );
+    assert_eq!(folds(&gw).await, after_flush, "a trim is not a fold");
+    let js = async_nats::jetstream::new(async_nats::connect(nats_url()).await.unwrap());
+    let log = js.get_stream(format!("{prefix}_log")).await.unwrap();
+    for id in &ids {
+        let subject = format!("{prefix}.log.{}", ThreadId::parse(id).unwrap().encoded());
+        assert!(
+            log.get_last_raw_message_by_subject(&subject).await.is_err(),
+            "{id}: the kept entries are gone"
+        );
+    }
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
-        folds(&gw).await,
-        trimmed,
+        metric(&gw, "threadgate_log_trims_total").await,
+        ids.len() as u64,
         "an emptied subject costs nothing"
     );
+    assert_eq!(folds(&gw).await, after_flush);
     // New entries are still folded by the sweeper.
     gw.append(&ids[0], delta_msg("r", None, "later")).await;
     let mut folded = false;
