@@ -5,8 +5,9 @@
 use anyhow::{Context, Result};
 use axum::{Router, routing::get};
 
-/// Pool size of the one-query ceiling: the gateway's default `--pg-max-connections`.
-const QUERY_POOL: u32 = 16;
+/// Pool size of the ceilings' sqlx pools; the PostgreSQL gateway they are compared with runs
+/// with the same `--pg-max-connections` (its default is 10).
+pub const QUERY_POOL: u32 = 16;
 
 /// `GET /` answers `hello`.
 pub async fn serve_hello() -> Result<()> {

@@ -54,7 +54,15 @@ pub async fn reads(ctx: &Ctx) -> Result<Section> {
     let insert_url = insert_schema.url();
     let insert = ceiling::Child::start(&["serve-insert", "--pg", &insert_url]).await?;
     let mem = Gateway::start(ctx, Mode::Direct, false, "", &[]).await?;
-    let pg = Gateway::start(ctx, Mode::Direct, true, "", &[]).await?;
+    let pool = ceiling::QUERY_POOL.to_string();
+    let pg = Gateway::start(
+        ctx,
+        Mode::Direct,
+        true,
+        "",
+        &["--pg-max-connections", &pool],
+    )
+    .await?;
     let mem_tag = seed(&mem.client).await?;
     let pg_tag = seed(&pg.client).await?;
     for w in 0..conns {
@@ -157,8 +165,8 @@ pub async fn reads(ctx: &Ctx) -> Result<Section> {
         notes: vec![format!(
             "Closed loop from {conns} keep-alive connections for {:?} each, the client in the \
              harness process on the same cores as the server. Ceilings: an axum hello-world and \
-             an axum route running `SELECT 1` on a 16-connection sqlx pool (the gateway's default \
-             pool size), each its own process, and, for writes, an axum route that inserts its \
+             an axum route running `SELECT 1` on a 16-connection sqlx pool (the PostgreSQL gateway \
+             runs with the same pool size, `--pg-max-connections 16`), each its own process, and, for writes, an axum route that inserts its \
              body as one row committed on its own (a durable write's least cost: one round trip \
              and a WAL flush). Ratios are requests/s against the ceiling.",
             ctx.window()
