@@ -108,7 +108,7 @@ impl Buffered {
                 continue;
             }
             let count = entries.len() as u64;
-            let applying = tokio::time::timeout(STEP_TIMEOUT, self.store.apply_batch(id, &entries));
+            let applying = tokio::time::timeout(STEP_TIMEOUT, self.store.apply_batch(id, entries));
             let (applied_page, read) = tokio::join!(applying, reader.next_page(super::PAGE));
             let Ok(applied_page) = applied_page else {
                 return Err(StoreError::Unavailable(format!(

@@ -371,8 +371,8 @@ impl<P: Persist> Store for Records<P> {
         self.read(id, |r| r.idempotent(key)).await
     }
 
-    async fn apply_batch(&self, id: &ThreadId, entries: &[Write]) -> Result<u64> {
-        self.write(id, |r| r.apply_batch(entries, now_ms())).await
+    async fn apply_batch(&self, id: &ThreadId, entries: Vec<Write>) -> Result<u64> {
+        self.write(id, |r| r.apply_batch(&entries, now_ms())).await
     }
 
     async fn messages(&self, id: &ThreadId, q: &MessageQuery) -> Result<MessagePage> {

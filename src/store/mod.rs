@@ -521,7 +521,7 @@ pub trait Store: Send + Sync + 'static {
     /// Version and watermark become the last version applied; returns the watermark after the
     /// call. A missing thread is `NotFound` (a deleted thread never comes back), and an entry
     /// that fails validation fails the whole batch with nothing changed.
-    async fn apply_batch(&self, id: &ThreadId, entries: &[Write]) -> Result<u64>;
+    async fn apply_batch(&self, id: &ThreadId, entries: Vec<Write>) -> Result<u64>;
     /// A page of the thread's messages with the version it reflects.
     async fn messages(&self, id: &ThreadId, q: &MessageQuery) -> Result<MessagePage>;
     /// The current state (base state with every patch applied), its version and incarnation.

@@ -812,7 +812,7 @@ async fn replaying_a_folded_log_applies_nothing_twice() {
             idempotency: None,
         })
         .collect();
-    assert_eq!(store.apply_batch(&tid, &committed).await.unwrap(), 5);
+    assert_eq!(store.apply_batch(&tid, committed.clone()).await.unwrap(), 5);
     kill_9(&mut proc).await;
 
     // Recovery at start-up, a flush racing it, and flushes after it: each sees the whole

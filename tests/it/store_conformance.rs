@@ -513,7 +513,7 @@ async fn invalid_delta_changes_nothing(s: &DynStore) {
         StoreError::InvalidDelta(_)
     );
     assert_err!(
-        s.apply_batch(&id, &[fd(2, bad.clone())]).await,
+        s.apply_batch(&id, vec![fd(2, bad.clone())]).await,
         StoreError::InvalidDelta(_)
     );
     assert_eq!(observe(s, "t").await, before);
@@ -752,7 +752,7 @@ async fn history_bounded(s: &DynStore) {
     let batch: Vec<Write> = (1..=total)
         .map(|v| fd(v, delta("r", vec![user(&format!("m{v}"), "x")])))
         .collect();
-    assert_eq!(s.apply_batch(&id, &batch).await.unwrap(), total);
+    assert_eq!(s.apply_batch(&id, batch.clone()).await.unwrap(), total);
     let h = s.history(&id, 0, 10).await.unwrap();
     assert_eq!(h.first_kept, Some(6));
     assert_eq!(h.version, total);
@@ -779,14 +779,14 @@ async fn apply_batch(s: &DynStore) {
     let id = tid("t");
     let d = |n: u32| delta("r", vec![user(&format!("m{n}"), &format!("c{n}"))]);
     let batch = vec![fd(1, d(1)), fd(2, d(2))];
-    assert_eq!(s.apply_batch(&id, &batch).await.unwrap(), 2);
-    assert_eq!(s.apply_batch(&id, &batch).await.unwrap(), 2);
+    assert_eq!(s.apply_batch(&id, batch.clone()).await.unwrap(), 2);
+    assert_eq!(s.apply_batch(&id, batch.clone()).await.unwrap(), 2);
     let got = s.get(&id).await.unwrap();
     assert_eq!((got.version, got.watermark), (2, 2));
     assert_eq!(contents(&got.thread.messages), ["c1", "c2"]);
     // Overlap: only the new tail is applied; message ids dedup within the batch too.
     let overlap = vec![fd(1, d(1)), fd(2, d(2)), fd(3, d(3)), fd(4, d(3))];
-    assert_eq!(s.apply_batch(&id, &overlap).await.unwrap(), 4);
+    assert_eq!(s.apply_batch(&id, overlap.clone()).await.unwrap(), 4);
     assert_eq!(
         contents(&s.get(&id).await.unwrap().thread.messages),
         ["c1", "c2", "c3"]
@@ -799,15 +799,15 @@ async fn apply_batch(s: &DynStore) {
     // Gaps are rejected and change nothing.
     let before = observe(s, "t").await;
     assert_err!(
-        s.apply_batch(&id, &[fd(6, d(6))]).await,
+        s.apply_batch(&id, vec![fd(6, d(6))]).await,
         StoreError::Internal(_)
     );
     assert_err!(
-        s.apply_batch(&id, &[fd(5, d(5)), fd(7, d(7))]).await,
+        s.apply_batch(&id, vec![fd(5, d(5)), fd(7, d(7))]).await,
         StoreError::Internal(_)
     );
     assert_eq!(observe(s, "t").await, before);
-    assert_eq!(s.apply_batch(&id, &[]).await.unwrap(), 4);
+    assert_eq!(s.apply_batch(&id, vec![]).await.unwrap(), 4);
     // Direct appends and folds share one position space.
     assert_eq!(
         s.append(&id, &d(5), Expect::Exact(4), None)
@@ -817,7 +817,7 @@ async fn apply_batch(s: &DynStore) {
         5
     );
     assert_eq!(
-        s.apply_batch(&id, &[fd(5, d(5)), fd(6, d(6))])
+        s.apply_batch(&id, vec![fd(5, d(5)), fd(6, d(6))])
             .await
             .unwrap(),
         6
@@ -828,7 +828,7 @@ async fn apply_batch(s: &DynStore) {
     // A deleted thread never comes back from a late fold.
     s.delete(&id, Expect::Any).await.unwrap();
     assert_err!(
-        s.apply_batch(&id, &[fd(7, d(7))]).await,
+        s.apply_batch(&id, vec![fd(7, d(7))]).await,
         StoreError::NotFound
     );
     assert_err!(s.get(&id).await, StoreError::NotFound);
@@ -970,7 +970,7 @@ async fn direct_and_folded(s: &DynStore, log: &[Change]) -> Vec<Write> {
         .map(|(n, c)| fold(n as u64 + 1, c.clone()))
         .collect();
     assert_eq!(
-        s.apply_batch(&tid("folded"), &batch).await.unwrap(),
+        s.apply_batch(&tid("folded"), batch.clone()).await.unwrap(),
         log.len() as u64
     );
     batch
@@ -1129,7 +1129,7 @@ async fn apply_batch_mixed(s: &DynStore) {
     // Batches split anywhere give the same result as one batch.
     s.create(&tid("split"), base.clone()).await.unwrap();
     for chunk in batch.chunks(3) {
-        s.apply_batch(&tid("split"), chunk).await.unwrap();
+        s.apply_batch(&tid("split"), chunk.to_vec()).await.unwrap();
     }
     assert_eq!(comparable(s, "split").await, want);
     // Folding onto direct writes continues the same position space.
@@ -1137,7 +1137,7 @@ async fn apply_batch_mixed(s: &DynStore) {
     assert_eq!(
         s.apply_batch(
             &tid("direct"),
-            &[fold(last, log[last as usize - 1].clone()), more]
+            vec![fold(last, log[last as usize - 1].clone()), more]
         )
         .await
         .unwrap(),
@@ -1162,7 +1162,7 @@ async fn apply_batch_idempotency(s: &DynStore) {
         fd(3, delta("r", vec![anon("three")])),
         keyed(4, Change::Replace(Thread::new("t")), key("k4", "fp4")),
     ];
-    assert_eq!(s.apply_batch(&id, &batch).await.unwrap(), 4);
+    assert_eq!(s.apply_batch(&id, batch.clone()).await.unwrap(), 4);
     for (k, fp, v) in [("k1", "fp1", 1), ("k2", "fp2", 2), ("k4", "fp4", 4)] {
         // A retry replays, whatever its precondition and body.
         let a = s
@@ -1200,7 +1200,7 @@ async fn apply_batch_idempotency(s: &DynStore) {
         .unwrap();
     assert_eq!((a.version, a.replayed), (5, false));
     // Refolding the same entries changes no key.
-    assert_eq!(s.apply_batch(&id, &batch).await.unwrap(), 5);
+    assert_eq!(s.apply_batch(&id, batch.clone()).await.unwrap(), 5);
     let a = s
         .append(
             &id,
@@ -1218,7 +1218,7 @@ async fn apply_batch_idempotency(s: &DynStore) {
         keyed(7, Change::Delta(delta("r", vec![])), key("k7", "a")),
         keyed(8, Change::Delta(delta("r", vec![])), key("k7", "b")),
     ];
-    assert_eq!(s.apply_batch(&id, &again).await.unwrap(), 8);
+    assert_eq!(s.apply_batch(&id, again.clone()).await.unwrap(), 8);
     for (k, fp, v) in [("k1", "fpX", 6), ("k7", "b", 8), ("k5", "fp5", 5)] {
         let a = s
             .append(&id, &delta("r", vec![]), Expect::Any, Some(&key(k, fp)))
@@ -1253,7 +1253,7 @@ async fn apply_batch_invalid(s: &DynStore) {
     let t: Thread = from(json!({"id": "t", "state": {"n": "text"},
         "messages": [{"id": "m0", "role": "user", "content": "zero"}]}));
     s.create(&id, t).await.unwrap();
-    s.apply_batch(&id, &[fd(1, delta("r", vec![user("m1", "one")]))])
+    s.apply_batch(&id, vec![fd(1, delta("r", vec![user("m1", "one")]))])
         .await
         .unwrap();
     let before = observe(s, "t").await;
@@ -1276,7 +1276,7 @@ async fn apply_batch_invalid(s: &DynStore) {
             fd(5, delta("r", vec![anon("after")])),
         ];
         assert_err!(
-            s.apply_batch(&id, &batch).await,
+            s.apply_batch(&id, batch.clone()).await,
             StoreError::InvalidThread { .. }
         );
         assert_eq!(observe(s, "t").await, before);
@@ -1294,7 +1294,7 @@ async fn apply_batch_invalid(s: &DynStore) {
         fd(5, bad_delta),
     ];
     assert_err!(
-        s.apply_batch(&id, &batch).await,
+        s.apply_batch(&id, batch.clone()).await,
         StoreError::InvalidDelta(_)
     );
     assert_eq!(observe(s, "t").await, before);
@@ -1312,7 +1312,7 @@ async fn apply_batch_invalid(s: &DynStore) {
     assert_err!(
         s.apply_batch(
             &tid("missing"),
-            &[fold(1, Change::Replace(Thread::new("missing")))]
+            vec![fold(1, Change::Replace(Thread::new("missing")))]
         )
         .await,
         StoreError::NotFound
@@ -1329,11 +1329,14 @@ async fn apply_batch_twice(s: &DynStore) {
         .map(|(n, c)| keyed(n as u64 + 1, c, key(&format!("k{n}"), "fp")))
         .collect();
     let last = batch.len() as u64;
-    assert_eq!(s.apply_batch(&tid("t"), &batch).await.unwrap(), last);
+    assert_eq!(s.apply_batch(&tid("t"), batch.clone()).await.unwrap(), last);
     let once = observe(s, "t").await;
     tokio::time::sleep(std::time::Duration::from_millis(3)).await;
-    assert_eq!(s.apply_batch(&tid("t"), &batch).await.unwrap(), last);
-    assert_eq!(s.apply_batch(&tid("t"), &batch[..3]).await.unwrap(), last);
+    assert_eq!(s.apply_batch(&tid("t"), batch.clone()).await.unwrap(), last);
+    assert_eq!(
+        s.apply_batch(&tid("t"), batch[..3].to_vec()).await.unwrap(),
+        last
+    );
     // `observe` includes `updated_at`: a no-op does not even touch the clock.
     assert_eq!(observe(s, "t").await, once);
     let a = s
@@ -1367,7 +1370,7 @@ async fn concurrent_apply_batch(s: &DynStore) {
         let tasks: Vec<_> = (0..8)
             .map(|_| {
                 let (s, batch) = (s.clone(), batch.clone());
-                tokio::spawn(async move { s.apply_batch(&tid("t"), &batch).await })
+                tokio::spawn(async move { s.apply_batch(&tid("t"), batch.to_vec()).await })
             })
             .collect();
         for t in tasks {

@@ -485,10 +485,10 @@ impl Store for PostgresStore {
         }
     }
 
-    async fn apply_batch(&self, id: &ThreadId, entries: &[Write]) -> Result<u64> {
+    async fn apply_batch(&self, id: &ThreadId, entries: Vec<Write>) -> Result<u64> {
         self.heads.forget(id);
         let announce = self.announce_written(id);
-        let (id, entries) = (id.clone(), entries.to_vec());
+        let id = id.clone();
         in_task!(
             self,
             BEGIN_WRITE,

@@ -10,8 +10,7 @@ use super::rows::{
 use crate::id::ThreadId;
 use crate::model::{ChangeSet, Extra, Thread};
 use crate::store::{
-    Appended, Change, Expect, IdempotencyKey, Incarnation, Prepared, Result, Snapshot, StoreError,
-    Write,
+    Appended, Change, Expect, IdempotencyKey, Incarnation, Result, Snapshot, StoreError, Write,
 };
 use serde_json::Value;
 use sqlx::PgConnection;
@@ -201,7 +200,9 @@ pub async fn append(
     ))
 }
 
-/// [`crate::store::Store::apply_batch`].
+/// [`crate::store::Store::apply_batch`]: takes the entries by value, so every delta moves
+/// into its rows without a copy. Entries are checked as they are applied; any failure rolls
+/// the whole transaction back, so the batch is still all or nothing.
 pub async fn apply_batch(
     conn: &mut PgConnection,
     id: ThreadId,
@@ -210,15 +211,19 @@ pub async fn apply_batch(
 ) -> Result<u64> {
     let tid = id.as_str();
     let mut head = lock_head(conn, tid).await?;
-    let prepared = crate::store::prepare_batch(&id, &entries, head.watermark)?;
-    if prepared.is_empty() {
-        return Ok(head.watermark);
+    let watermark = head.watermark;
+    let pending: Vec<Write> = entries
+        .into_iter()
+        .filter(|e| e.version > watermark)
+        .collect();
+    if pending.is_empty() {
+        return Ok(watermark);
     }
     let mut existing = existing_ids(
         conn,
         tid,
-        prepared.iter().filter_map(|(_, p)| match p {
-            Prepared::Delta(d) => Some(*d),
+        pending.iter().filter_map(|e| match &e.change {
+            Change::Delta(d) => Some(d),
             _ => None,
         }),
     )
@@ -228,25 +233,33 @@ pub async fn apply_batch(
     // The metadata once a replace or a merge changed it (written back at the end).
     let mut metadata: Option<Extra> = None;
     let mut keys = Vec::new();
-    let mut version = head.watermark;
+    let mut version = watermark;
     // The rows of the deltas since the last full save, written by one statement.
     let mut rows = Rows::at(now);
-    for (entry, change) in prepared {
+    for (n, entry) in pending.into_iter().enumerate() {
+        let want = watermark + 1 + n as u64;
+        if entry.version != want {
+            return Err(StoreError::Internal(format!(
+                "gap in folded log: expected version {want}, got {}",
+                entry.version
+            )));
+        }
         version = entry.version;
-        match change {
-            Prepared::Delta(delta) => {
+        match entry.change {
+            Change::Delta(delta) => {
                 apply_delta_rows(
                     conn,
                     tid,
                     &mut head,
                     &mut existing,
                     &mut rows,
-                    delta.clone(),
+                    delta,
                     version,
                 )
                 .await?;
             }
-            Prepared::Replace(thread, state) => {
+            Change::Replace(mut thread) => {
+                let state = crate::store::prepare_thread(&id, &mut thread)?;
                 // Earlier rows first: the save replaces them.
                 rows.write(conn, tid).await?;
                 replace_thread_rows(conn, tid, &thread).await?;
@@ -266,7 +279,8 @@ pub async fn apply_batch(
                 metadata = Some(thread.metadata.clone());
                 rows.history(version, &Change::Replace(thread))?;
             }
-            Prepared::Metadata(patch) => {
+            Change::Metadata(mut patch) => {
+                crate::store::strip_server_metadata(&mut patch);
                 let current = match &mut metadata {
                     Some(m) => m,
                     None => metadata.insert(load_metadata(conn, tid).await?),
@@ -275,10 +289,11 @@ pub async fn apply_batch(
                 rows.history(version, &Change::Metadata(patch))?;
             }
         }
-        if let Some(key) = &entry.idempotency {
+        if let Some(key) = entry.idempotency {
             keys.push((key, version));
         }
     }
+    let keys: Vec<(&IdempotencyKey, u64)> = keys.iter().map(|(k, v)| (k, *v)).collect();
     remember_keys(conn, tid, &keys).await?;
     rows.write_with_head(conn, tid, &head, version).await?;
     if identity.is_some() || metadata.is_some() {
