@@ -1,12 +1,12 @@
 //! Folds: the thread's unfolded log entries into the store, exactly once, then a trim.
 //!
-//! A fold reads the log in pages up to the end it saw when it began, applies each page's
-//! entries above the store's watermark in one [`crate::store::Store::apply_batch`] (which
-//! skips what is already applied, so overlapping folds on any replicas are harmless), and
-//! only then purges what it covered, keeping the last two minutes for idempotent retries.
+//! A fold reads the log in pages up to the end it saw when it began, applies the entries
+//! above the store's watermark of every few pages in one
+//! [`crate::store::Store::apply_batch`] (which skips what is already applied, so overlapping
+//! folds on any replicas are harmless), and only then purges what it covered, keeping the last two minutes for idempotent retries.
 //! Every step of a fold has a deadline (each NATS request [`super::log::NATS_TIMEOUT`], each
-//! page's store transaction [`STEP_TIMEOUT`]): a fold that stops making progress (NATS or
-//! the store unreachable) fails within seconds and releases its lock, keeping the pages it
+//! batch's store transaction [`STEP_TIMEOUT`]): a fold that stops making progress (NATS or
+//! the store unreachable) fails within seconds and releases its lock, keeping the batches it
 //! committed, so the next trigger folds promptly once the backends answer. A fold that keeps
 //! making progress is never cut short, however long the run it folds.
 
@@ -17,9 +17,16 @@ use crate::store::{Expect, StoreError, Write, now_ms};
 use crate::write::{Error, FoldReport, Result};
 use std::time::Duration;
 
-/// Longest one page of a fold may spend in the store; a page transaction runs to completion
-/// on its own even when the fold stops waiting for it.
+/// Longest one batch of a fold may spend in the store; a batch transaction runs to
+/// completion on its own even when the fold stops waiting for it.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Log pages (each at most [`super::PAGE`] entries and 8 MB) a fold applies in one store
+/// batch. The store keeps the history of the last `HISTORY_LIMIT` (1,000) versions only, so a
+/// batch of several pages records only its last 1,000 history entries instead of writing
+/// and then deleting every page's; four bounds a fold's memory to some 40 MB with the page
+/// read ahead.
+const FOLD_BATCH_PAGES: usize = 4;
 
 impl Buffered {
     /// Folds the thread's buffered tail into the store, exactly once, then trims the log.
@@ -84,39 +91,52 @@ impl Buffered {
         // The first entry to keep: a recent one (for retries), as (seq, when it was written).
         let mut keep_from = kept.map(|(seq, trim_at)| (seq, trim_at - keep));
         let mut reader = self.log.reader_to(id, Some(start), last.seq);
-        // The next page is read while the store applies this one: a long fold costs about
-        // the larger of reading and applying, not their sum.
+        // Up to FOLD_BATCH_PAGES pages go to the store in one batch, and the next page is read
+        // while the store applies it: a long fold costs about the larger of reading and
+        // applying, not their sum.
         let mut next = reader.next_page(super::PAGE).await?;
-        while let Some(page) = next.take() {
-            first_seq.get_or_insert(page[0].seq);
-            if keep_from.is_none() {
-                keep_from = page
-                    .iter()
-                    .find(|e| e.at >= window_start)
-                    .map(|e| (e.seq, e.at));
+        loop {
+            let mut batch: Vec<Write> = Vec::new();
+            let mut pages = 0;
+            while pages < FOLD_BATCH_PAGES {
+                let Some(page) = next.take() else { break };
+                pages += 1;
+                first_seq.get_or_insert(page[0].seq);
+                if keep_from.is_none() {
+                    keep_from = page
+                        .iter()
+                        .find(|e| e.at >= window_start)
+                        .map(|e| (e.seq, e.at));
+                }
+                if page.iter().any(LogEntry::is_tombstone) {
+                    return self.finish_delete(id).await;
+                }
+                batch.extend(
+                    page.into_iter()
+                        .filter(|e| e.version > version && e.seq <= last.seq)
+                        .filter_map(LogEntry::into_write),
+                );
+                if pages < FOLD_BATCH_PAGES {
+                    next = reader.next_page(super::PAGE).await?;
+                }
             }
-            if page.iter().any(LogEntry::is_tombstone) {
-                return self.finish_delete(id).await;
+            if pages == 0 {
+                break;
             }
-            let entries: Vec<Write> = page
-                .into_iter()
-                .filter(|e| e.version > version && e.seq <= last.seq)
-                .filter_map(LogEntry::into_write)
-                .collect();
-            if entries.is_empty() {
+            if batch.is_empty() {
                 next = reader.next_page(super::PAGE).await?;
                 continue;
             }
-            let count = entries.len() as u64;
-            let applying = tokio::time::timeout(STEP_TIMEOUT, self.store.apply_batch(id, entries));
-            let (applied_page, read) = tokio::join!(applying, reader.next_page(super::PAGE));
-            let Ok(applied_page) = applied_page else {
+            let count = batch.len() as u64;
+            let applying = tokio::time::timeout(STEP_TIMEOUT, self.store.apply_batch(id, batch));
+            let (applied_batch, read) = tokio::join!(applying, reader.next_page(super::PAGE));
+            let Ok(applied_batch) = applied_batch else {
                 return Err(StoreError::Unavailable(format!(
-                    "a fold page of thread {id} took longer than {STEP_TIMEOUT:?}"
+                    "a fold batch of thread {id} took longer than {STEP_TIMEOUT:?}"
                 ))
                 .into());
             };
-            version = match applied_page {
+            version = match applied_batch {
                 Ok(v) => v,
                 // An entry the store refuses (written by an older version beyond today's
                 // limits): never skipped, never retried blindly; the fold is blocked.
