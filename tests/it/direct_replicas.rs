@@ -24,6 +24,20 @@ async fn stream(gw: &Gateway, id: &str, after: u64) -> Sse {
     Sse::open(&gw.http, &url, Some(after), WAIT).await.unwrap()
 }
 
+/// A pool on the schema, its notification channel, and a listener on that channel.
+async fn listen(schema: &PgSchema) -> (sqlx::PgPool, String, sqlx::postgres::PgListener) {
+    let pool = sqlx::PgPool::connect(&schema.url()).await.unwrap();
+    let channel: String = sqlx::query_scalar("SELECT 'threadgate_' || md5(current_schema())")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
+        .await
+        .unwrap();
+    listener.listen(&channel).await.unwrap();
+    (pool, channel, listener)
+}
+
 /// The next write event (a `delta`, `snapshot` or `metadata` with an id).
 async fn next_write(sse: &mut Sse) -> Event {
     loop {
@@ -195,15 +209,7 @@ async fn buffered_mode_does_not_notify() {
     c.nats_url = Some(crate::harness::nats_url());
     c.nats_prefix = crate::harness::nats_prefix();
     let gw = Gateway::start_config(c, None, None).await;
-    let pool = sqlx::PgPool::connect(&schema.url()).await.unwrap();
-    let channel: String = sqlx::query_scalar("SELECT 'threadgate_' || md5(current_schema())")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
-        .await
-        .unwrap();
-    listener.listen(&channel).await.unwrap();
+    let (pool, channel, mut listener) = listen(&schema).await;
     gw.create(json!({"id": "t"})).await;
     gw.append("t", delta_msg("r", None, "x")).await;
     let res = gw.post("/v1/threads/t/flush", &json!({})).await;
@@ -253,15 +259,7 @@ async fn a_write_nobody_announced_reaches_streams_at_the_next_heartbeat() {
     )
     .await
     .unwrap();
-    let pool = sqlx::PgPool::connect(&schema.url()).await.unwrap();
-    let channel: String = sqlx::query_scalar("SELECT 'threadgate_' || md5(current_schema())")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
-        .await
-        .unwrap();
-    listener.listen(&channel).await.unwrap();
+    let (pool, channel, mut listener) = listen(&schema).await;
     let delta: threadgate::model::ChangeSet =
         serde_json::from_value(delta_msg("r", None, "m2")).unwrap();
     let tid = ThreadId::parse(id).unwrap();

@@ -291,7 +291,7 @@ impl Rows {
     }
 
     /// The collected rows as the statements' array parameters.
-    fn into_columns(self) -> Columns {
+    fn into_columns(mut self) -> Columns {
         let keep = HISTORY_LIMIT as i64;
         let (drop_above, drop_upto, hist_from) =
             match (self.hist_version.first(), self.hist_version.last()) {
@@ -303,28 +303,17 @@ impl Rows {
                 _ => (0, 0, 0),
             };
         let mut runs = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for r in self.runs {
+        for r in std::mem::take(&mut self.runs) {
             runs.0.push(r.run_id);
             runs.1.push(r.parent);
             runs.2.push(r.meta);
             runs.3.push(r.version);
         }
-        let mut hist_version = self.hist_version;
-        let mut hist_change = self.hist_change;
-        hist_version.drain(..hist_from);
-        hist_change.drain(..hist_from);
+        self.hist_version.drain(..hist_from);
+        self.hist_change.drain(..hist_from);
         Columns {
-            msg_cursor: self.msg_cursor,
-            msg_id: self.msg_id,
-            msg_run: self.msg_run,
-            msg_internal: self.msg_internal,
-            msg_body: self.msg_body,
-            patch_seq: self.patch_seq,
-            patch_body: self.patch_body,
-            now: self.now,
+            rows: self,
             runs,
-            hist_version,
-            hist_change,
             drop_above,
             drop_upto,
         }
@@ -343,19 +332,11 @@ pub(super) struct Cas<'a> {
     pub key: Option<&'a IdempotencyKey>,
 }
 
-/// [`Rows`] as the parameters $1–$17 of the statements below.
+/// [`Rows`] as the parameters $1–$17 of the statements below (the runs as columns, the
+/// history window to drop).
 struct Columns {
-    msg_cursor: Vec<i64>,
-    msg_id: Vec<Option<String>>,
-    msg_run: Vec<Option<String>>,
-    msg_internal: Vec<bool>,
-    msg_body: Vec<String>,
-    patch_seq: Vec<i64>,
-    patch_body: Vec<String>,
-    now: i64,
+    rows: Rows,
     runs: (Vec<String>, Vec<Option<String>>, Vec<String>, Vec<i64>),
-    hist_version: Vec<i64>,
-    hist_change: Vec<String>,
     drop_above: i64,
     drop_upto: i64,
 }
@@ -367,21 +348,22 @@ impl Columns {
         q: sqlx::query::Query<'q, Postgres, PgArguments>,
         id: &'q str,
     ) -> sqlx::query::Query<'q, Postgres, PgArguments> {
+        let r = &self.rows;
         q.bind(id)
-            .bind(&self.msg_cursor)
-            .bind(&self.msg_id)
-            .bind(&self.msg_run)
-            .bind(&self.msg_internal)
-            .bind(&self.msg_body)
-            .bind(&self.patch_seq)
-            .bind(&self.patch_body)
-            .bind(self.now)
+            .bind(&r.msg_cursor)
+            .bind(&r.msg_id)
+            .bind(&r.msg_run)
+            .bind(&r.msg_internal)
+            .bind(&r.msg_body)
+            .bind(&r.patch_seq)
+            .bind(&r.patch_body)
+            .bind(r.now)
             .bind(&self.runs.0)
             .bind(&self.runs.1)
             .bind(&self.runs.2)
             .bind(&self.runs.3)
-            .bind(&self.hist_version)
-            .bind(&self.hist_change)
+            .bind(&r.hist_version)
+            .bind(&r.hist_change)
             .bind(self.drop_above)
             .bind(self.drop_upto)
     }
