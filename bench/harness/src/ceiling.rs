@@ -9,6 +9,15 @@ use axum::{Router, routing::get};
 /// with the same `--pg-max-connections` (its default is 10).
 pub const QUERY_POOL: u32 = 16;
 
+/// The ceilings' pool of [`QUERY_POOL`] connections to `pg`.
+async fn pool(pg: &str) -> Result<sqlx::PgPool> {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(QUERY_POOL)
+        .connect(pg)
+        .await
+        .with_context(|| format!("PostgreSQL at {pg}"))
+}
+
 /// `GET /` answers `hello`.
 pub async fn serve_hello() -> Result<()> {
     serve(Router::new().route("/", get(|| async { "hello" }))).await
@@ -16,11 +25,7 @@ pub async fn serve_hello() -> Result<()> {
 
 /// `GET /` runs `SELECT 1` on a pooled connection and answers its result.
 pub async fn serve_query(pg: &str) -> Result<()> {
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(QUERY_POOL)
-        .connect(pg)
-        .await
-        .with_context(|| format!("PostgreSQL at {pg}"))?;
+    let pool = pool(pg).await?;
     let app = Router::new().route(
         "/",
         get(move || {
@@ -40,11 +45,7 @@ pub async fn serve_query(pg: &str) -> Result<()> {
 /// `POST /` inserts its body as one row, committed on its own (what any durable write costs
 /// at least: one round trip and a WAL flush), and answers the row's id.
 pub async fn serve_insert(pg: &str) -> Result<()> {
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(QUERY_POOL)
-        .connect(pg)
-        .await
-        .with_context(|| format!("PostgreSQL at {pg}"))?;
+    let pool = pool(pg).await?;
     sqlx::query(
         "CREATE TABLE IF NOT EXISTS ceiling (id BIGSERIAL PRIMARY KEY, body TEXT NOT NULL)",
     )

@@ -266,6 +266,14 @@ impl PostgresStore {
         }
     }
 
+    /// For a write other than an append: forgets the head remembered for `id` (the write
+    /// moves the row) and returns what announces its commit, for `in_task!`'s `then`.
+    fn other_write(&self, id: &ThreadId) -> impl FnOnce(&u64) + Send + 'static {
+        self.heads.forget(id);
+        let announce = self.announce_written(id);
+        move |version| announce(*version)
+    }
+
     /// How many appends through this store were made by one statement rather than by the
     /// locking transaction (see `heads.rs`).
     pub fn one_statement_appends(&self) -> u64 {
@@ -385,45 +393,38 @@ impl Store for PostgresStore {
 
     async fn replace(&self, id: &ThreadId, mut thread: Thread, expect: Expect) -> Result<u64> {
         let current = super::prepare_thread(id, &mut thread)?;
-        self.heads.forget(id);
-        let announce = self.announce_written(id);
+        let announce = self.other_write(id);
         let id = id.clone();
         in_task!(
             self,
             BEGIN_WRITE,
             |c| write::replace(c, id, thread, current, expect, now_ms()),
-            then |v: &u64| announce(*v)
+            then announce
         )
     }
 
     async fn patch_metadata(&self, id: &ThreadId, mut patch: Extra, expect: Expect) -> Result<u64> {
         super::strip_server_metadata(&mut patch);
-        self.heads.forget(id);
-        let announce = self.announce_written(id);
+        let announce = self.other_write(id);
         let id = id.clone();
         in_task!(
             self,
             BEGIN_WRITE,
             |c| write::patch_metadata(c, id, patch, expect, now_ms()),
-            then |v: &u64| announce(*v)
+            then announce
         )
     }
 
     async fn delete(&self, id: &ThreadId, expect: Expect) -> Result<()> {
         self.heads.forget(id);
         let (announcer, one) = (self.announcer.clone(), id.clone());
-        let id = id.clone();
-        in_task!(
-            self,
-            BEGIN_WRITE,
-            |c| write::delete(c, id, expect),
-            then |v: &u64| {
-                if let Some(a) = announcer {
-                    a.deleted(&one, *v);
-                }
+        let announce = move |version: &u64| {
+            if let Some(a) = announcer {
+                a.deleted(&one, *version);
             }
-        )
-        .map(|_| ())
+        };
+        let id = id.clone();
+        in_task!(self, BEGIN_WRITE, |c| write::delete(c, id, expect), then announce).map(|_| ())
     }
 
     async fn append(
@@ -486,14 +487,13 @@ impl Store for PostgresStore {
     }
 
     async fn apply_batch(&self, id: &ThreadId, entries: Vec<Write>) -> Result<u64> {
-        self.heads.forget(id);
-        let announce = self.announce_written(id);
+        let announce = self.other_write(id);
         let id = id.clone();
         in_task!(
             self,
             BEGIN_WRITE,
             |c| write::apply_batch(c, id, entries, now_ms()),
-            then |v: &u64| announce(*v)
+            then announce
         )
     }
 
